@@ -1,0 +1,11 @@
+"""gemmaforge: Gemma 2 / Gemma 3 in plain PyTorch."""
+
+from .checkpoint import load
+from .config import PRESETS, GemmaConfig, preset
+from .errors import GemmaforgeError
+from .kv_cache import KVCache, cache_bytes_per_token
+from .model import Gemma
+
+__all__ = ["load", "Gemma", "GemmaConfig", "GemmaforgeError", "KVCache", "PRESETS", "preset",
+           "cache_bytes_per_token"]
+__version__ = "0.1.0"

@@ -1,0 +1,108 @@
+"""``load(source)``: an HF directory, a ``.gguf`` file, or a preset name -> a ready ``Gemma``.
+
+Every format yields (internal name, tensor) pairs; ``materialize`` is the one place that checks
+them strictly against the network (no missing, unexpected, duplicated or mis-shaped tensor) and
+assigns them into a model built on the meta device, so weights are never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..config import GemmaConfig, PRESETS, preset
+from ..errors import GemmaforgeError
+from ..model import Gemma
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16}
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """Default: bf16 on GPU, fp32 on CPU; fp16 is allowed but warned about (REFERENCE.md section 1)."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise GemmaforgeError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        dtype = _DTYPES[dtype]
+    if dtype == torch.float16:
+        warnings.warn("float16 overflows in Gemma 2 activations (27B especially); prefer bfloat16", stacklevel=3)
+    return dtype
+
+
+def materialize(config: GemmaConfig, tensors: Iterable[tuple[str, torch.Tensor, object]], *, dtype=None,
+                device=None) -> Gemma:
+    """Strictly load (name, tensor, source-file) pairs into a new model."""
+    dtype = resolve_dtype(dtype, device)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Gemma(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    source = None
+    for name, t, source in tensors:
+        if name not in expected:
+            raise GemmaforgeError(f"{source} has unexpected tensor {name!r} for a {config.family} model")
+        if name in state:
+            raise GemmaforgeError(f"{source} has tensor {name!r} twice: the checkpoint is malformed")
+        if tuple(t.shape) != tuple(expected[name]):
+            raise GemmaforgeError(
+                f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the config implies "
+                f"{tuple(expected[name])}: config.json and weights disagree"
+            )
+        state[name] = t.to(device=device, dtype=dtype)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise GemmaforgeError(f"{source or 'checkpoint'} is missing tensor {missing[0]!r}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                              "is it complete, and of the same model as its config?")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.reset_buffers(device)
+    return model.eval()
+
+
+def load(source, dtype=None, device=None, *, seed: int = 0) -> Gemma:
+    """Load a model from an HF directory, a GGUF file, or a preset name (random weights, ``seed``)."""
+    if source is None:
+        from ..default_model import default_model_path
+
+        source = default_model_path()
+    if isinstance(source, GemmaConfig):
+        return _random(source, dtype, device, seed)
+    path = Path(source)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        if not path.is_file():
+            raise GemmaforgeError(f"GGUF file {path} does not exist: check the path")
+        from .gguf import read_gguf
+
+        ckpt = read_gguf(path)
+        return materialize(ckpt.config, ((k, v, path) for k, v in ckpt.tensors.items()), dtype=dtype, device=device)
+    if path.is_dir():
+        from .hf import read_config, read_tensors
+
+        return materialize(read_config(path), read_tensors(path), dtype=dtype, device=device)
+    if str(source) in PRESETS:
+        return _random(preset(str(source)), dtype, device, seed)
+    if path.exists():
+        raise GemmaforgeError(f"{path} is neither a .gguf file nor an HF model directory")
+    if "/" in str(source) or "." in str(source):
+        raise GemmaforgeError(f"{source} does not exist: pass an HF directory, a .gguf file or a preset name")
+    preset(str(source))  # raises "unknown preset" with a suggestion
+    raise AssertionError("unreachable")
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _random(config: GemmaConfig, dtype, device, seed: int) -> Gemma:
+    model = Gemma(config).init_weights(seed)
+    return model.to(device=device or "cpu", dtype=resolve_dtype(dtype, device)).eval()

@@ -1,0 +1,184 @@
+"""One config-driven network for Gemma 2 and Gemma 3 text models (REFERENCE.md sections 1-2).
+
+    h = embed(tokens) * round_to_dtype(sqrt(hidden))
+    for each layer:  h = h + post_attn_norm(attn(attn_norm(h)))
+                     h = h + post_mlp_norm(mlp(pre_mlp_norm(h)))
+    logits = softcap(final_norm(h) @ embed.T)
+
+The family differences are config values, not code paths: soft-caps are ``None`` for Gemma 3, QK-norm
+is a flag, the rope theta and window follow each layer's entry in ``config.layer_types``.
+
+The model is pure math: ``forward(tokens, positions, cache) -> logits``. Tokenizers, sampling and
+checkpoint formats live elsewhere. ``hidden_states`` and ``logits`` are exposed separately so losses
+can apply the output head chunk by chunk instead of materialising [B, T, vocab] at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Mask, attention
+from .config import GemmaConfig
+from .kv_cache import CacheStep, KVCache
+from .rope import apply_rope, inv_frequencies, rope_cos_sin
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w), in float32, then cast back; w starts at 0."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """GeGLU with the tanh approximation of GELU; no biases."""
+
+    def __init__(self, c: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: GemmaConfig, layer: int):
+        super().__init__()
+        self.layer, self.c = layer, c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:  # Gemma 3: normalise q and k over head_dim before RoPE, instead of soft-capping
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, rope, mask: Mask, cache: KVCache | None, step: CacheStep | None, impl):
+        b, t, _ = x.shape
+        c = self.c
+        q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, step)
+        y = attention(q, k, v, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap, impl=impl)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, c: GemmaConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c, layer)
+        self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.pre_mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+        self.post_mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, h, rope, mask, cache=None, step=None, impl=None):
+        h = h + self.post_attn_norm(self.attn(self.attn_norm(h), rope, mask, cache, step, impl))
+        return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
+
+
+class Gemma(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_layers))
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn_impl: str | None = None  # None = choose per call (attention.choose_impl)
+        self.activation_checkpointing = False
+        self.reset_buffers()
+
+    def reset_buffers(self, device=None) -> None:
+        """(Re)compute the non-persistent rope tables, e.g. after building on the meta device."""
+        c = self.config
+        local = inv_frequencies(c.head_dim, c.rope_local_theta)
+        glob = inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_factor)
+        self.register_buffer("inv_freq_local", local.to(device), persistent=False)
+        self.register_buffer("inv_freq_global", glob.to(device), persistent=False)
+
+    # ---- the network -------------------------------------------------------------------------
+    def hidden_states(self, tokens, positions=None, cache: KVCache | None = None, *, attn_impl=None):
+        """tokens [B, T] -> final-normed hidden states [B, T, hidden]."""
+        c = self.config
+        b, t = tokens.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
+        h = self.embed(tokens)
+        # sqrt(hidden) rounded to the activation dtype first: 48.0 in bf16 for 2B (REFERENCE.md 1).
+        h = h * torch.tensor(c.embed_normalizer, dtype=h.dtype, device=h.device)
+        rope = {
+            True: rope_cos_sin(positions, self.inv_freq_local, h.dtype),
+            False: rope_cos_sin(positions, self.inv_freq_global, h.dtype),
+        }
+        step = None
+        if cache is not None:
+            step = cache.prepare(positions)
+            masks = {True: Mask(positions, step.local_k_pos, c.sliding_window),
+                     False: Mask(positions, step.global_k_pos)}
+        else:
+            masks = {True: Mask(positions, positions, c.sliding_window), False: Mask(positions, positions)}
+        impl = attn_impl or self.attn_impl
+        for i, block in enumerate(self.layers):
+            local = c.is_local(i)
+            if self.activation_checkpointing and self.training and cache is None:
+                h = checkpoint(block, h, rope[local], masks[local], None, None, impl, use_reentrant=False)
+            else:
+                h = block(h, rope[local], masks[local], cache, step, impl)
+        if cache is not None:
+            cache.commit(step)
+        return self.final_norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied output head and the final soft-cap (Gemma 2: 30). Works on any slice of tokens."""
+        return softcap(F.linear(h, self.embed.weight), self.config.final_logit_softcap)
+
+    def forward(self, tokens, positions=None, cache: KVCache | None = None, *, attn_impl=None):
+        """tokens [B, T] (positions [B, T], -1 = padding) -> logits [B, T, vocab] after the soft-cap."""
+        return self.logits(self.hidden_states(tokens, positions, cache, attn_impl=attn_impl))
+
+    # ---- conveniences ------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.embed.weight
+        max_len = max_len or self.config.max_position_embeddings
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "Gemma":
+        """Random init (for presets and training from scratch); norms start at 0, i.e. scale 1."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def save_pretrained(self, directory, *, max_shard_bytes: int = 2 << 30) -> None:
+        """Write an HF directory (config.json + safetensors) that transformers loads."""
+        from .checkpoint.hf import save_pretrained
+
+        save_pretrained(self, directory, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from gemmaforge import Gemma, preset
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def randomize(model: Gemma, seed: int = 0) -> Gemma:
+    """Random weights everywhere, norms included (zero norms would hide a (1 + w) mistake)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.3 if name.endswith("norm.weight") else 0.05
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+# Tiny configs that exercise every quirk: >= 3 layers, GQA ratio > 1, window shorter than the test
+# sequences, query_pre_attn_scalar != head_dim, non-default rope thetas (REFERENCE.md sections 1-2).
+CONFIGS = {
+    "gemma2": preset("tiny-gemma2"),
+    "gemma2-27b-like": preset("tiny-gemma2").replace(
+        num_heads=8, num_kv_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=5
+    ),
+    "gemma3": preset("tiny-gemma3"),
+    "gemma3-rope-scaled": preset("tiny-gemma3").replace(
+        rope_scaling_factor=8.0, layer_types=("sliding_attention", "full_attention", "sliding_attention")
+    ),
+}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def config(request):
+    return CONFIGS[request.param]
+
+
+@pytest.fixture
+def model(config):
+    return randomize(Gemma(config))
