@@ -1,0 +1,562 @@
+"""GGUF (llama.cpp) checkpoints: read into gemmaforge's internal names, write back for llama.cpp.
+
+Facts used here are in ../shared/REFERENCE.md section 3: GGUF tensor names, ggml's reversed
+dimension order, the +1 the llama.cpp converter adds to every ``*norm.weight``, and the metadata keys.
+
+Reading does not use ``gguf.GGUFReader``: it builds a numpy object per metadata array element and
+takes ~11 s on the 262,144-token vocabulary of the embedded model. The format is simple (below), so
+a small parser over one ``mmap`` reads the header in well under a second and hands the tensor bytes
+to ``dequant.dequantize`` without copying them first. Writing uses ``gguf.GGUFWriter``.
+
+File layout (little-endian, GGUF v2/v3)::
+
+    "GGUF" | u32 version | u64 n_tensors | u64 n_kv
+    n_kv x      (string key, u32 value type, value)        string = u64 length + utf-8 bytes
+    n_tensors x (string name, u32 n_dims, u64 dims[n_dims] (ggml order), u32 ggml type, u64 offset)
+    padding to `general.alignment` (default 32), then tensor data; offsets are relative to it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import (
+    GGML_QUANT_VERSION,
+    GGMLQuantizationType,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+    QuantError,
+    RopeScalingType,
+)
+from gguf import quants as gguf_quants
+
+from ..config import GLOBAL, LOCAL, GemmaConfig, gemma2_layer_types, gemma3_layer_types
+from ..errors import GemmaforgeError
+from . import dequant
+
+# ---- names: GGUF <-> gemmaforge internal (REFERENCE.md section 3) --------------------------------
+GLOBAL_NAMES: dict[str, str] = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "final_norm.weight",
+}
+# Per layer: "blk.{i}." + GGUF suffix <-> "layers.{i}." + internal suffix.
+LAYER_NAMES: dict[str, str] = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn_q.weight": "attn.q_proj.weight",
+    "attn_k.weight": "attn.k_proj.weight",
+    "attn_v.weight": "attn.v_proj.weight",
+    "attn_output.weight": "attn.o_proj.weight",
+    "attn_q_norm.weight": "attn.q_norm.weight",  # Gemma 3 only
+    "attn_k_norm.weight": "attn.k_norm.weight",  # Gemma 3 only
+    "post_attention_norm.weight": "post_attn_norm.weight",
+    "ffn_norm.weight": "pre_mlp_norm.weight",  # llama.cpp's "ffn_norm" is Gemma's pre-FFW norm
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "post_ffw_norm.weight": "post_mlp_norm.weight",
+}
+_LAYER_NAMES_BACK = {v: k for k, v in LAYER_NAMES.items()}
+_GLOBAL_NAMES_BACK = {v: k for k, v in GLOBAL_NAMES.items()}
+
+
+def gguf_to_internal(name: str) -> str | None:
+    """``blk.3.ffn_norm.weight`` -> ``layers.3.pre_mlp_norm.weight``; None for a name not in the map."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def internal_to_gguf(name: str) -> str | None:
+    if name in _GLOBAL_NAMES_BACK:
+        return _GLOBAL_NAMES_BACK[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _LAYER_NAMES_BACK:
+        return f"blk.{m.group(1)}.{_LAYER_NAMES_BACK[m.group(2)]}"
+    return None
+
+
+def is_norm(internal_name: str) -> bool:
+    """Norm weights are stored as (1 + w) in GGUF (REFERENCE.md section 3): these get -1 / +1."""
+    return internal_name.endswith("norm.weight")
+
+
+def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter a Gemma model of ``config`` has, internal name -> PyTorch shape."""
+    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_heads * hd, config.num_kv_heads * hd
+    per_layer = {
+        "attn_norm.weight": (d,), "attn.q_proj.weight": (q, d), "attn.k_proj.weight": (kv, d),
+        "attn.v_proj.weight": (kv, d), "attn.o_proj.weight": (d, q), "post_attn_norm.weight": (d,),
+        "pre_mlp_norm.weight": (d,), "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f), "post_mlp_norm.weight": (d,),
+    }
+    if config.qk_norm:
+        per_layer |= {"attn.q_norm.weight": (hd,), "attn.k_norm.weight": (hd,)}
+    shapes = {"embed.weight": (config.vocab_size, d)}
+    for i in range(config.num_layers):
+        shapes |= {f"layers.{i}.{k}": s for k, s in per_layer.items()}
+    shapes["final_norm.weight"] = (d,)
+    return shapes
+
+
+# ---- the header parser ---------------------------------------------------------------------------
+_MAGIC = b"GGUF"
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+
+
+class _Corrupt(Exception):
+    """Internal: the bytes do not parse as GGUF. read_gguf turns it into a one-line GemmaforgeError."""
+
+
+@dataclass
+class _TensorInfo:
+    name: str
+    qtype: GGMLQuantizationType | int  # an int: a type newer than the installed gguf package
+    shape: tuple[int, ...]  # PyTorch order: ggml dims reversed
+    offset: int  # absolute byte offset in the file
+
+
+class _Parser:
+    def __init__(self, buf: mmap.mmap):
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> int:
+        """Advance past n bytes, returning where they start; a read past the end means truncation."""
+        start = self.pos
+        if n < 0 or start + n > len(self.buf):
+            raise _Corrupt(f"truncated (needs byte {start + n:,}, file has {len(self.buf):,})")
+        self.pos += n
+        return start
+
+    def scalar(self, vtype: GGUFValueType) -> Any:
+        fmt = _SCALAR_FORMATS[vtype]
+        (value,) = struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))
+        if vtype == GGUFValueType.FLOAT32:
+            # Shortest decimal that round-trips the float32: 1e-06, not 9.999999974752427e-07.
+            value = float(str(np.float32(value)))
+        return value
+
+    def string(self) -> str:
+        n = self.scalar(GGUFValueType.UINT64)
+        start = self.take(n)
+        return self.buf[start : start + n].decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        vtype = self.value_type(vtype)
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype != GGUFValueType.ARRAY:
+            return self.scalar(vtype)
+        item = self.value_type(self.scalar(GGUFValueType.UINT32))
+        count = self.scalar(GGUFValueType.UINT64)
+        if item in _SCALAR_FORMATS:  # numeric arrays in one numpy call (262,144 scores take ~10 ms)
+            dtype = np.dtype(_SCALAR_FORMATS[item])
+            start = self.take(count * dtype.itemsize)
+            return np.frombuffer(self.buf, dtype=dtype, count=count, offset=start).tolist()
+        if count > len(self.buf) - self.pos:  # every element takes >= 1 byte: a corrupt count
+            raise _Corrupt(f"array of {count:,} elements cannot fit in the file")
+        return [self.value(item) for _ in range(count)]
+
+    def value_type(self, code: int) -> GGUFValueType:
+        try:
+            return GGUFValueType(code)
+        except ValueError:
+            raise _Corrupt(f"unknown metadata value type {code}") from None
+
+
+def _parse(buf: mmap.mmap, with_tensors: bool) -> tuple[dict[str, Any], list[_TensorInfo]]:
+    p = _Parser(buf)
+    start = p.take(4)
+    if buf[start : start + 4] != _MAGIC:
+        raise _Corrupt("not a GGUF file (bad magic)")
+    version = p.scalar(GGUFValueType.UINT32)
+    if version not in (2, 3):
+        # A big-endian file reads its version byte-swapped (e.g. 50331648 for 3).
+        raise _Corrupt(f"unsupported GGUF version {version} (gemmaforge reads little-endian v2 and v3)")
+    n_tensors = p.scalar(GGUFValueType.UINT64)
+    n_kv = p.scalar(GGUFValueType.UINT64)
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = p.string()
+        metadata[key] = p.value(p.scalar(GGUFValueType.UINT32))
+    if not with_tensors:
+        return metadata, []
+    raw_infos = []
+    for _ in range(n_tensors):
+        name = p.string()
+        n_dims = p.scalar(GGUFValueType.UINT32)
+        if n_dims > 4:
+            raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions (ggml allows at most 4)")
+        dims = [p.scalar(GGUFValueType.UINT64) for _ in range(n_dims)]
+        raw_infos.append((name, dims, p.scalar(GGUFValueType.UINT32), p.scalar(GGUFValueType.UINT64)))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
+        raise _Corrupt(f"general.alignment={alignment!r} is not a positive multiple of 8")
+    data_start = -(-p.pos // alignment) * alignment
+    infos = []
+    for name, dims, type_code, offset in raw_infos:
+        qtype = type_code
+        if type_code in GGMLQuantizationType._value2member_map_:
+            qtype = GGMLQuantizationType(type_code)
+        infos.append(_TensorInfo(name, qtype, tuple(reversed(dims)), data_start + offset))
+    return metadata, infos
+
+
+def _open(path: str | os.PathLike) -> tuple[Path, mmap.mmap]:
+    path = Path(path)
+    if not path.is_file():
+        raise GemmaforgeError(f"GGUF file not found: {path}: check the path")
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise GemmaforgeError(f"{path} is empty: re-download or re-export it")
+        return path, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _unreadable(path: Path, e: _Corrupt) -> GemmaforgeError:
+    return GemmaforgeError(f"{path} is not a readable GGUF file: {e}: re-download or re-export it")
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All metadata of a GGUF file (key -> Python value), without touching tensor data."""
+    path, buf = _open(path)
+    try:
+        return _parse(buf, with_tensors=False)[0]
+    except _Corrupt as e:
+        raise _unreadable(path, e) from None
+
+
+# ---- metadata -> GemmaConfig -----------------------------------------------------------------------
+_ARCHS = ("gemma2", "gemma3")
+_GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp hard-codes it for gemma3 local layers; GGUF does not store it
+# llama.cpp recognises the 27B models by block count and scales queries by hidden/heads for them,
+# by head_dim otherwise (llama-model.cpp, LLM_ARCH_GEMMA2/GEMMA3; REFERENCE.md section 1 table).
+_27B_BLOCK_COUNT = {"gemma2": 46, "gemma3": 62}
+
+
+def _query_scalar(family: str, n_layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    return hidden // heads if n_layers == _27B_BLOCK_COUNT[family] else head_dim
+
+
+def config_from_metadata(
+    md: dict[str, Any], where: str = "GGUF file", vocab_size: int | None = None
+) -> GemmaConfig:
+    """GemmaConfig from GGUF metadata (the keys llama.cpp's converter writes; REFERENCE.md section 3).
+
+    The vocabulary size is the token count, as in llama.cpp; ``vocab_size`` (the embedding's rows)
+    is used only for a file without a tokenizer.
+    """
+    arch = md.get("general.architecture")
+    if arch not in _ARCHS:
+        raise GemmaforgeError(
+            f"{where} has general.architecture={arch!r}: gemmaforge loads 'gemma2' and 'gemma3' GGUF files"
+        )
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        if f"{arch}.{key}" in md:
+            return md[f"{arch}.{key}"]
+        if default is KeyError:
+            raise GemmaforgeError(f"{where} lacks metadata key '{arch}.{key}': re-convert it with llama.cpp")
+        return default
+
+    n_layers, hidden = get("block_count"), get("embedding_length")
+    heads = get("attention.head_count")
+    head_dim = get("attention.key_length", hidden // heads)
+    if get("attention.value_length", head_dim) != head_dim:
+        raise GemmaforgeError(f"{where}: {arch}.attention.key_length != value_length (no Gemma has that)")
+    if "tokenizer.ggml.tokens" in md:
+        vocab_size = len(md["tokenizer.ggml.tokens"])
+    elif vocab_size is None:
+        raise GemmaforgeError(f"{where} has no tokenizer.ggml.tokens: the vocabulary size is unknown")
+    window = get("attention.sliding_window", 0)
+    max_pos = get("context_length")
+    # The local/global pattern is not stored: llama.cpp applies the family rule (REFERENCE.md 1-2),
+    # and for gemma3 treats a missing or zero window as "no sliding window at all".
+    if not window:
+        layer_types, window = (GLOBAL,) * n_layers, max_pos
+    else:
+        layer_types = (gemma2_layer_types if arch == "gemma2" else gemma3_layer_types)(n_layers)
+
+    if arch == "gemma2":
+        theta = local_theta = float(get("rope.freq_base", 10000.0))
+        # llama.cpp's defaults when the keys are absent are Gemma 2's values (50, 30).
+        softcaps = float(get("attn_logit_softcapping", 50.0)), float(get("final_logit_softcapping", 30.0))
+    else:
+        theta, local_theta = float(get("rope.freq_base", 1_000_000.0)), _GEMMA3_LOCAL_THETA
+        softcaps = (None, None)
+    factor = 1.0
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "linear":  # Gemma 3 4B+: global layers only (llama.cpp: rope_freq_scale_train_swa = 1)
+        factor = float(get("rope.scaling.factor"))
+    elif scaling != "none":
+        raise GemmaforgeError(f"{where} uses rope scaling {scaling!r}: gemmaforge supports only 'linear'")
+    return GemmaConfig(
+        family=arch,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_heads=heads,
+        num_kv_heads=get("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        layer_types=layer_types,
+        sliding_window=window,
+        max_position_embeddings=max_pos,
+        query_pre_attn_scalar=_query_scalar(arch, n_layers, hidden, heads, head_dim),
+        rope_theta=theta,
+        rope_local_theta=local_theta,
+        rope_scaling_factor=factor,
+        attn_logit_softcap=softcaps[0],
+        final_logit_softcap=softcaps[1],
+        qk_norm=arch == "gemma3",
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+    )
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+@dataclass
+class GGUFCheckpoint:
+    path: Path
+    config: GemmaConfig
+    tensors: dict[str, torch.Tensor]  # internal names, PyTorch shapes, norms as w (not 1 + w)
+    metadata: dict[str, Any] = field(repr=False)  # every key of the file, tokenizer.* included
+    tensor_types: dict[str, str] = field(repr=False)  # internal name -> ggml type name, e.g. "Q4_K"
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Read a gemma2/gemma3 GGUF file: config, dequantized tensors (float32, or the file's F16/BF16)."""
+    path, buf = _open(path)
+    try:
+        metadata, infos = _parse(buf, with_tensors=True)
+    except _Corrupt as e:
+        raise _unreadable(path, e) from None
+    embed_rows = next((i.shape[0] for i in infos if i.name == "token_embd.weight"), None)
+    config = config_from_metadata(metadata, where=str(path), vocab_size=embed_rows)
+    shapes = expected_shapes(config)
+
+    tensors: dict[str, torch.Tensor] = {}
+    tensor_types: dict[str, str] = {}
+    for info in infos:
+        name = gguf_to_internal(info.name)
+        if name not in shapes:
+            raise GemmaforgeError(
+                f"{path} has unexpected tensor {info.name!r}: not part of a {config.family} model"
+                " of this shape"
+            )
+        if name in tensors:
+            raise GemmaforgeError(f"{path} has tensor {info.name!r} twice: the file is malformed")
+        if info.shape != shapes[name]:
+            raise GemmaforgeError(
+                f"{path}: tensor {info.name!r} has shape {list(info.shape)}, expected {list(shapes[name])}"
+                " from the file's metadata (and tokenizer size): the file is inconsistent"
+            )
+        if not isinstance(info.qtype, GGMLQuantizationType) or not dequant.is_supported(info.qtype):
+            kind = getattr(info.qtype, "name", f"number {info.qtype}")
+            raise GemmaforgeError(
+                f"{path}: tensor {info.name!r} uses ggml type {kind}, which gemmaforge cannot"
+                " dequantize: requantize the file (e.g. llama-quantize ... Q4_K_M)"
+            )
+        size = dequant.nbytes(info.qtype, info.shape)
+        if info.offset + size > len(buf):
+            raise GemmaforgeError(
+                f"{path} is truncated: tensor {info.name!r} ends at byte {info.offset + size:,} of"
+                f" {len(buf):,}: re-download it"
+            )
+        raw = np.frombuffer(buf, dtype=np.uint8, count=size, offset=info.offset)
+        t = dequant.dequantize(raw, info.qtype, info.shape)
+        tensors[name] = t.float() - 1.0 if is_norm(name) else t
+        tensor_types[name] = info.qtype.name
+    missing = [n for n in shapes if n not in tensors]
+    if missing:
+        raise GemmaforgeError(
+            f"{path} is missing tensor {internal_to_gguf(missing[0])!r} ({len(missing)} missing):"
+            " is this a complete text-model GGUF?"
+        )
+    return GGUFCheckpoint(path, config, tensors, metadata, tensor_types)
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+_WRITE_TYPES = {
+    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+# Keys write_gguf derives itself; copies of them in metadata_extra are dropped, not duplicated.
+_OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
+def _check_representable(config: GemmaConfig) -> None:
+    """GGUF stores only what llama.cpp reads: refuse configs it would silently run differently."""
+    fam = config.family
+    problems = []
+    rule = (gemma2_layer_types if fam == "gemma2" else gemma3_layer_types)(config.num_layers)
+    if config.layer_types != rule:
+        problems.append("layer_types differ from the family's local/global pattern")
+    qpas = _query_scalar(fam, config.num_layers, config.hidden_size, config.num_heads, config.head_dim)
+    if config.query_pre_attn_scalar != qpas:
+        problems.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp derives {qpas})")
+    if fam == "gemma2" and config.rope_local_theta != config.rope_theta:
+        problems.append("gemma2 with different local and global rope theta")
+    if fam == "gemma3" and config.rope_local_theta != _GEMMA3_LOCAL_THETA:
+        problems.append(f"rope_local_theta={config.rope_local_theta} (llama.cpp fixes {_GEMMA3_LOCAL_THETA})")
+    if fam == "gemma2" and config.rope_scaling_factor != 1.0:
+        problems.append("gemma2 with rope scaling")
+    if fam == "gemma3" and (config.attn_logit_softcap or config.final_logit_softcap):
+        problems.append("gemma3 with logit soft-capping")
+    if fam == "gemma2" and None in (config.attn_logit_softcap, config.final_logit_softcap):
+        problems.append("gemma2 without logit soft-capping (llama.cpp always applies it)")
+    if config.qk_norm != (fam == "gemma3"):
+        problems.append(f"qk_norm={config.qk_norm} for {fam}")
+    if problems:
+        raise GemmaforgeError(
+            f"this {fam} config cannot be stored in GGUF ({'; '.join(problems)}):"
+            " save a HF checkpoint instead"
+        )
+
+
+def _arch_metadata(w: GGUFWriter, c: GemmaConfig) -> None:
+    """Architecture keys, in the order of llama.cpp's convert_hf_to_gguf.py (Gemma2Model, Gemma3Model)."""
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_heads)
+    if c.family == "gemma2":
+        w.add_head_count_kv(c.num_kv_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    if c.family == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcap)
+        w.add_final_logit_softcapping(c.final_logit_softcap)
+        w.add_sliding_window(c.sliding_window)
+        if c.rope_theta != 10000.0:  # the converter never writes it, but llama.cpp reads it if present
+            w.add_rope_freq_base(c.rope_theta)
+    else:
+        w.add_rope_freq_base(c.rope_theta)  # global layers
+        w.add_sliding_window(c.sliding_window)
+        w.add_head_count_kv(c.num_kv_heads)
+        if c.rope_scaling_factor != 1.0:
+            w.add_rope_scaling_type(RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(c.rope_scaling_factor)
+
+
+def _value_type(key: str, value: Any) -> tuple[GGUFValueType, GGUFValueType | None]:
+    """GGUF type for a Python metadata value, chosen to match what llama.cpp writes for the tokenizer
+    fields: ids u32, flags bool, scores f32 array, token_type i32 array, tokens/merges string array."""
+    if isinstance(value, (list, tuple)):
+        kinds = {type(v) for v in value}
+        for item, allowed in ((GGUFValueType.BOOL, {bool}), (GGUFValueType.INT32, {int}),
+                              (GGUFValueType.FLOAT32, {int, float}), (GGUFValueType.STRING, {str})):
+            if kinds <= allowed:
+                return GGUFValueType.ARRAY, item
+        names = sorted(k.__name__ for k in kinds)
+        raise GemmaforgeError(f"metadata key {key!r}: cannot store a list of {names} in GGUF")
+    if isinstance(value, bool):
+        return GGUFValueType.BOOL, None
+    if isinstance(value, int):
+        return (GGUFValueType.UINT32 if 0 <= value < 2**32 else GGUFValueType.INT64), None
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32, None
+    if isinstance(value, str):
+        return GGUFValueType.STRING, None
+    raise GemmaforgeError(f"metadata key {key!r}: cannot store a {type(value).__name__} in GGUF")
+
+
+def _encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+    """(array for GGUFWriter.add_tensor, raw_dtype) for a 2-D weight in the requested type."""
+    t = t.detach().cpu()
+    if qtype == GGMLQuantizationType.F32:
+        return t.to(torch.float32).numpy(), None
+    if qtype == GGMLQuantizationType.F16:
+        return t.to(torch.float16).numpy(), None
+    if qtype == GGMLQuantizationType.BF16:  # torch rounds to nearest even, like ggml's fp32 -> bf16
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8), qtype
+    try:
+        return gguf_quants.quantize(t.to(torch.float32).numpy(), qtype), qtype
+    except QuantError:  # row not a multiple of 32: llama.cpp's converter falls back to F16 likewise
+        return t.to(torch.float16).numpy(), None
+
+
+def write_gguf(
+    path: str | os.PathLike,
+    config: GemmaConfig,
+    tensors: dict[str, torch.Tensor],
+    metadata_extra: dict[str, Any] | None = None,
+    dtype: str = "f32",
+) -> Path:
+    """Write a GGUF file that llama.cpp and transformers load as this model.
+
+    ``tensors`` use internal names with norms as w (this adds the +1, REFERENCE.md section 3).
+    ``metadata_extra`` adds keys such as the tokenizer fields of ``read_gguf_metadata``; keys the
+    config determines (``general.architecture``, ``gemma*.``...) are taken from the config instead.
+    Norms (1-D) are always F32; 2-D weights use ``dtype`` (f32, f16, bf16, q8_0).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise GemmaforgeError(f"cannot write {path}: the directory {path.parent} does not exist")
+    if dtype not in _WRITE_TYPES:
+        raise GemmaforgeError(f"unknown GGUF dtype {dtype!r}: choose one of {', '.join(_WRITE_TYPES)}")
+    qtype, file_type = _WRITE_TYPES[dtype]
+    _check_representable(config)
+    shapes = expected_shapes(config)
+    for name, t in tensors.items():
+        if name not in shapes:
+            raise GemmaforgeError(f"cannot write unexpected tensor {name!r}: not a {config.family} parameter")
+        if tuple(t.shape) != shapes[name]:
+            raise GemmaforgeError(
+                f"tensor {name!r} has shape {list(t.shape)}, the config expects {list(shapes[name])}"
+            )
+    missing = [n for n in shapes if n not in tensors]
+    if missing:
+        raise GemmaforgeError(f"cannot write GGUF: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+    extra = {
+        k: v for k, v in (metadata_extra or {}).items()
+        if k not in _OWN_KEYS and not k.startswith(("GGUF.", *(f"{a}." for a in _ARCHS)))
+    }
+    tokens = extra.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != config.vocab_size:
+        raise GemmaforgeError(
+            f"tokenizer.ggml.tokens has {len(tokens)} tokens but vocab_size is {config.vocab_size}:"
+            " llama.cpp and transformers take the vocabulary size from the token list"
+        )
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        w = GGUFWriter(tmp, config.family)
+        _arch_metadata(w, config)
+        w.add_file_type(file_type)
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        for key, value in extra.items():
+            w.add_key_value(key, value, *_value_type(key, value))
+        for name in shapes:  # embedding, layers in order, final norm
+            t = tensors[name]
+            if is_norm(name):
+                array, raw = (t.detach().cpu().to(torch.float32) + 1.0).numpy(), None
+            else:
+                array, raw = _encode(t, qtype)
+            w.add_tensor(internal_to_gguf(name), array, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
