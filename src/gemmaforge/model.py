@@ -54,7 +54,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if hasattr(self, "fused_gate_up"):  # set by quant.quantize: one matmul instead of two
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Attention(nn.Module):
@@ -69,12 +73,20 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
+    def project_qkv(self, x):
+        """x [B, T, hidden] -> q [B, T, H*D], k and v [B, T, Hkv*D]."""
+        if hasattr(self, "fused_qkv"):  # set by quant.quantize: one matmul instead of three
+            c = self.c
+            return self.fused_qkv(x).split([c.num_heads * c.head_dim] + [c.num_kv_heads * c.head_dim] * 2, -1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, rope, mask: Mask, cache: KVCache | None, step: CacheStep | None, impl):
         b, t, _ = x.shape
         c = self.c
-        q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = k.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -83,6 +95,14 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v, step)
         y = attention(q, k, v, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap, impl=impl)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
+
+
+class Embedding(nn.Embedding):
+    """The tied table: ``forward`` looks rows up, ``head`` is the output matmul (quant.QuantEmbedding
+    has the same two methods for a quantized table)."""
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
 
 
 class Block(nn.Module):
@@ -104,7 +124,7 @@ class Gemma(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         c = self.config = config
-        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed = Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_layers))
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.attn_impl: str | None = None  # None = choose per call (attention.choose_impl)
@@ -154,7 +174,7 @@ class Gemma(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output head and the final soft-cap (Gemma 2: 30). Works on any slice of tokens."""
-        return softcap(F.linear(h, self.embed.weight), self.config.final_logit_softcap)
+        return softcap(self.embed.head(h), self.config.final_logit_softcap)
 
     def forward(self, tokens, positions=None, cache: KVCache | None = None, *, attn_impl=None):
         """tokens [B, T] (positions [B, T], -1 = padding) -> logits [B, T, vocab] after the soft-cap."""
@@ -162,7 +182,7 @@ class Gemma(nn.Module):
 
     # ---- conveniences ------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.embed.weight
+        p = self.final_norm.weight  # not embed.weight: a quantized table has none
         max_len = max_len or self.config.max_position_embeddings
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 

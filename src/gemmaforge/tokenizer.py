@@ -121,6 +121,13 @@ class Tokenizer:
     def is_special(self, index: int) -> bool:
         return index in self._special
 
+    def save(self, path: str | Path) -> None:
+        """Write the vocabulary as an HF ``tokenizer.json`` (atomically), e.g. next to a converted model."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        self._backend.save(str(tmp))
+        tmp.replace(path)
+
 
 class StreamDecoder:
     """Decode ids one at a time, for printing a reply while it is generated.

@@ -1,0 +1,60 @@
+"""``gemmaforge bench``: prefill / decode speed of gemmaforge, HF transformers and llama.cpp.
+
+    gemmaforge bench                                   # the embedded Gemma 3 270M, all variants
+    gemmaforge bench --variants gemmaforge:int4,hf:fp32 --new-tokens 16 --out bench.json
+
+Prints a markdown table (ratios against HF transformers float32) and writes the full report as JSON.
+What each column means is in ``gemmaforge.benchmark``; recorded results are in docs/benchmarks.md.
+The GPU benchmark is a separate script: bench/gpu_inference.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+from ..benchmark import DEFAULT_VARIANTS, BenchSettings, format_table, run_benchmark, write_json
+from ..errors import GemmaforgeError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = BenchSettings()
+    p.add_argument("--model", default=None,
+                   help="HF directory, .gguf file or preset name (default: the embedded Gemma 3 270M)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated backend:precision list (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens (default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated (default %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch, help="rows of the batched decode (default %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads, every backend (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs, best kept (default %(default)s)")
+    p.add_argument("--ppl-chars", type=int, default=d.ppl_chars,
+                   help="characters of the fixed text scored for perplexity (0 = skip)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run every variant in this process (faster; no per-variant peak memory)")
+    p.add_argument("--workdir", default=None,
+                   help="where the converted HF/GGUF copies are kept between runs (default: the cache dir)")
+    p.add_argument("--out", default="bench-inference.json", help="JSON report path (default %(default)s)")
+
+
+def _default_workdir(model) -> Path:
+    from ..default_model import cache_dir
+
+    key = hashlib.sha256(str(Path(model).resolve() if model and Path(model).exists() else model).encode())
+    return cache_dir() / "bench" / key.hexdigest()[:12]
+
+
+def run(args: argparse.Namespace) -> int:
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants:
+        raise GemmaforgeError("--variants is empty: give at least one backend:precision, e.g. gemmaforge:fp32")
+    settings = BenchSettings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
+                             threads=args.threads, repeats=args.repeats, ppl_chars=args.ppl_chars,
+                             variants=variants, isolate=not args.no_isolate)
+    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.model)
+    report = run_benchmark(args.model, settings, workdir)
+    print(format_table(report))
+    write_json(report, args.out)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,137 @@
+"""``gemmaforge generate``: continue prompts given as arguments, or one per line on stdin.
+
+    gemmaforge generate "The capital of France is" --max-new-tokens 8
+    printf 'Hello\\nOnce upon a time\\n' | gemmaforge generate --temperature 0.8 --seed 1 --json
+
+On a terminal the prompt is echoed and the completion streams as it is generated; into a pipe or
+file each completion is printed whole (one per prompt, or as JSON lines with ``--json``), and all
+prompts are generated in batches. Also home of the model/sampling flags ``chat`` shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import GemmaforgeError
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF directory, .gguf file or preset name (default: the embedded Gemma 3 270M)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, tokenizer.model or .gguf (default: the one inside --model)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (HF generate semantics)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the best (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT appears (not printed); repeatable; \\n and \\t are understood")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text to continue (default: read lines from stdin)")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt: {prompt, completion}")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (pipe mode)")
+
+
+def unescape(text: str) -> str:
+    r"""``\n`` -> newline, ``\t`` -> tab, ``\\`` -> backslash: a shell cannot easily pass a raw newline."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def sampling_params(args: argparse.Namespace):
+    from ..generate import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        stop=tuple(unescape(s) for s in args.stop),
+    )
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    """The model and its tokenizer; a GGUF or an HF directory carries both, a preset needs --tokenizer."""
+    from .. import load, load_tokenizer
+    from ..config import PRESETS
+
+    if args.tokenizer is None and args.model in PRESETS:
+        raise GemmaforgeError(f"preset {args.model!r} has no tokenizer: pass --tokenizer (a .gguf or tokenizer.json)")
+    if sys.stderr.isatty():
+        print("gemmaforge: loading the model...", file=sys.stderr, flush=True)
+    model = load(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise GemmaforgeError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}:"
+            " pass the tokenizer that belongs to this model (--tokenizer)"
+        )
+    return model, tokenizer
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts:
+        prompts = list(args.prompts)
+    elif sys.stdin.isatty():
+        raise GemmaforgeError("no prompt: pass the text as an argument, or pipe prompts on stdin (one per line)")
+    else:
+        prompts = [line.rstrip("\r\n") for line in sys.stdin]
+        prompts = [p for p in prompts if p.strip()]
+        if not prompts:
+            raise GemmaforgeError("stdin held no prompt (only empty lines): give at least one line of text")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise GemmaforgeError(f"prompt {i + 1} is empty: give some text to continue")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generate import Engine, generate, stream
+
+    params = sampling_params(args)  # checked before the slow model load
+    if args.batch_size < 1:
+        raise GemmaforgeError(f"invalid --batch-size {args.batch_size}: it must be >= 1")
+    prompts = _read_prompts(args)
+    model, tokenizer = load_model_and_tokenizer(args)
+    engine = Engine(model)
+    out = sys.stdout
+    if out.isatty() and not args.json:
+        for prompt in prompts:
+            out.write(f"\033[2m{prompt}\033[0m" + ("\n" if args.chat else ""))
+            for piece in stream(engine, tokenizer, prompt, chat=args.chat, params=params):
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+        return 0
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        for prompt, completion in zip(batch, generate(engine, tokenizer, batch, chat=args.chat, params=params)):
+            if args.json:
+                out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
+            else:
+                out.write(completion + "\n")
+        out.flush()
+    return 0

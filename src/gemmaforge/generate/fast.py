@@ -1,0 +1,171 @@
+"""The fast decode step: one new token per row, written for the machine instead of for generality.
+
+``Gemma.hidden_states`` handles any number of new tokens, padding, chunked prefill and a growing
+cache, and pays for it on every call: host-side index tensors, ``Mask`` objects, a cloned ring of
+positions, slices whose length changes each step. Decode is always the same shape, [B, 1], so
+``decode_step`` does the same math (the model's own modules: norms, projections, MLP, head) with
+the bookkeeping cut to the minimum:
+
+- the cache write column is a device tensor, advanced on the device: no host sync, no new tensors;
+- the mask is an additive bias built once per step per layer type from the stored slot positions;
+- shapes never change between steps (``kv_len=None``: attend over all global slots, unwritten
+  ones have position -1 and are masked), which is what ``torch.compile`` and CUDA graphs need.
+
+On CUDA, ``FastForward`` compiles the step with ``mode="reduce-overhead"`` (inductor fuses the
+element-wise ops, CUDA graphs remove the per-kernel launch cost; REFERENCE.md section 9: HF's eager
+decode is launch-bound at 29.6 tok/s against a ~500 tok/s bandwidth floor). On CPU, compiling did
+not pay off on two shared cores (its OpenMP kernels stall when a core is busy), so the step runs
+eagerly and slices the global buffers to the written length instead (``kv_len``).
+
+Prefill (more than one new column) goes through ``Gemma.hidden_states``, whose attention dispatch
+already picks FlexAttention on CUDA and chunked attention for long CPU prompts (no T x T scores),
+and only the last column goes through the output head.
+
+The soft-caps are always applied: attention's by ``_attend`` (or flex's score_mod), the final one by
+``Gemma.logits``. tests/test_fast.py checks every path against the eager reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kv_cache import KVCache
+from ..model import Gemma
+from ..rope import apply_rope, rope_cos_sin
+
+_NEG = torch.finfo(torch.float32).min  # as attention._NEG: finite, so softmax never sees -inf - -inf
+
+
+def _bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1] query positions, [B, S] slot positions -> additive float32 mask [B, 1, 1, S].
+
+    The rule of ``attention.Mask``: key visible iff it is a real token, not in the future, and (local
+    layers) fewer than ``window`` positions back."""
+    d = q_pos - k_pos
+    ok = (k_pos >= 0) & (d >= 0)
+    if window is not None:
+        ok = ok & (d < window)
+    return torch.where(ok, 0.0, _NEG)[:, None, None, :]
+
+
+def _attend(q, k, v, bias, scale: float, cap: float | None) -> torch.Tensor:
+    """One query per row: q [B, H, 1, D], k/v [B, Hkv, S, D] -> [B, H, 1, D]; the eager math of
+    attention.eager_attention (soft-cap before the mask, softmax in float32)."""
+    b, h, _, d = q.shape
+    n_kv = k.shape[1]
+    scores = torch.matmul(q.reshape(b, n_kv, h // n_kv, d), k.transpose(-1, -2)).float() * scale
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
+    probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, 1, d)
+
+
+def embed_normalizer(model: Gemma) -> float:
+    """sqrt(hidden) rounded to the activation dtype first (48.0 in bf16 for 2B, REFERENCE.md 1), as a
+    Python float so a compiled step sees a constant."""
+    return torch.tensor(model.config.embed_normalizer, dtype=model.final_norm.weight.dtype).item()
+
+
+def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                col: torch.Tensor, kv_len: int | None = None, normalizer: float | None = None) -> torch.Tensor:
+    """tokens, positions [B, 1]; ``col`` [1] long: the cache column to write -> float32 logits [B, V].
+
+    Writes this step's keys, values and positions into ``cache`` but leaves ``cache.length`` and
+    ``col`` to the caller (``FastForward.__call__``), so the function has no host-side state.
+    """
+    c = model.config
+    b = tokens.shape[0]
+    h = model.embed(tokens) * (normalizer if normalizer is not None else embed_normalizer(model))
+    rope = {True: rope_cos_sin(positions, model.inv_freq_local, h.dtype),
+            False: rope_cos_sin(positions, model.inv_freq_global, h.dtype)}
+    ring_col = col % cache.window
+    cache.global_pos.index_copy_(1, col, positions)
+    cache.ring_pos.index_copy_(1, ring_col, positions)
+    global_pos = cache.global_pos if kv_len is None else cache.global_pos[:, :kv_len]
+    bias = {True: _bias(positions, cache.ring_pos, c.sliding_window), False: _bias(positions, global_pos, None)}
+    heads, kv_heads, hd = c.num_heads, c.num_kv_heads, c.head_dim
+    for i, block in enumerate(model.layers):
+        local = c.is_local(i)
+        attn = block.attn
+        q, k, v = attn.project_qkv(block.attn_norm(h))
+        # [B, 1, H*D] -> [B, H, 1, D] is a free view because T == 1.
+        q, k, v = q.view(b, heads, 1, hd), k.view(b, kv_heads, 1, hd), v.view(b, kv_heads, 1, hd)
+        if c.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = rope[local]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        ck, cv = cache.k[i], cache.v[i]
+        slot = ring_col if local else col
+        ck.index_copy_(2, slot, k)
+        cv.index_copy_(2, slot, v)
+        if not local and kv_len is not None:
+            ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]
+        y = _attend(q, ck, cv, bias[local], c.attn_scale, c.attn_logit_softcap)
+        h = h + block.post_attn_norm(attn.o_proj(y.view(b, 1, heads * hd)))
+        h = h + block.post_mlp_norm(block.mlp(block.pre_mlp_norm(h)))
+    return model.logits(model.final_norm(h)[:, 0]).float()
+
+
+class FastForward:
+    """``(tokens, positions, cache) -> float32 logits [B, V]`` of the last column: the contract of
+    ``Engine._forward``. Decode columns take ``decode_step`` (compiled + CUDA graphs on CUDA),
+    prefill chunks ``Gemma.hidden_states``.
+
+    ``compile``: None = on CUDA only. A compiled step needs its caches at fixed addresses (CUDA
+    graphs replay recorded pointers), so caches are marked static the first time they are seen;
+    each new cache shape costs one compilation (``new_cache`` rounds lengths up to limit that).
+    """
+
+    def __init__(self, model: Gemma, *, compile: bool | None = None, mode: str = "reduce-overhead"):
+        self.model = model.eval()
+        device = model.final_norm.weight.device
+        self.compile = device.type == "cuda" if compile is None else compile
+        self.normalizer = embed_normalizer(model)
+        self._step = decode_step
+        if self.compile:
+            self._step = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+        self._cols: dict[int, tuple[KVCache, torch.Tensor, int]] = {}
+        self._pool: dict[tuple[int, int], KVCache] = {}
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache for one generation. Compiled: lengths rounded up to 256 and caches reused per
+        shape (a new tensor would mean a new graph), so one FastForward serves one generation at a time."""
+        if not self.compile:
+            return self.model.new_cache(batch_size, max_len)
+        max_len = min(-(-max_len // 256) * 256, self.model.config.max_position_embeddings)
+        cache = self._pool.get((batch_size, max_len))
+        if cache is None:
+            cache = self._pool[batch_size, max_len] = self.model.new_cache(batch_size, max_len)
+        cache.reset()
+        return cache
+
+    def _column(self, cache: KVCache) -> torch.Tensor:
+        """The device-side copy of ``cache.length``; re-read from the host only after a prefill."""
+        entry = self._cols.get(id(cache))
+        if entry is None or entry[0] is not cache:
+            if self.compile:
+                for t in [*cache.k, *cache.v, cache.global_pos, cache.ring_pos]:
+                    torch._dynamo.mark_static_address(t)
+            entry = (cache, torch.tensor([cache.length], device=cache.global_pos.device), cache.length)
+        elif entry[2] != cache.length:
+            entry[1].fill_(cache.length)
+            entry = (cache, entry[1], cache.length)
+        self._cols = {id(cache): entry}  # only the newest cache is tracked
+        return entry[1]
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if tokens.shape[1] > 1:
+            h = self.model.hidden_states(tokens, positions, cache)
+            return self.model.logits(h[:, -1]).float()
+        if cache.length + 1 > cache.max_len:
+            raise ValueError(f"KV cache full: {cache.length} + 1 tokens > max_len {cache.max_len}")
+        col = self._column(cache)
+        kv_len = None if self.compile else cache.length + 1
+        logits = self._step(self.model, tokens, positions, cache, col, kv_len, self.normalizer)
+        if self.compile:
+            logits = logits.clone()  # CUDA graph outputs are overwritten by the next replay
+        col.add_(1)
+        cache.length += 1
+        self._cols[id(cache)] = (cache, col, cache.length)
+        return logits

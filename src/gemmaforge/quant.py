@@ -1,0 +1,222 @@
+"""Weight-only quantization: int8 per output channel, int4 in groups along the input dimension.
+
+Activations stay in floating point; only the stored weights shrink. Decode reads every weight once
+per token, so it is bound by memory bandwidth, and fewer bytes per weight is the speed-up. For the
+Gemma 3 270M model the tied 640 x 262144 embedding/output head is ~60% of all weights, so it is
+quantized too (``QuantEmbedding``: row gathers for the input side, one matmul for the output side).
+
+    int8:  w ~ q * scale[row]                        q in [-127, 127], scale = max|w_row| / 127
+    int4:  w ~ (q - 8) * scale[row, g] + zero[row, g]  q in [0, 15], per group of ``group_size`` inputs,
+                                                       scale = (max - min) / 15, zero = min + 8 * scale
+
+The int4 form (asymmetric, "mid-point" zero) is the one PyTorch's packed int4 kernels
+(``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``) expect, so the same codes serve the fast
+kernel and the plain dequantize-then-matmul fallback that the tests use as the reference.
+
+``quantize(model, "int8" | "int4")`` swaps modules in place and also fuses q/k/v and gate/up into one
+matmul each (``fused_qkv`` / ``fused_gate_up`` in model.py): per-row scales make fusing exact.
+A quantized model is for inference: it no longer saves to HF/GGUF.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import GemmaforgeError
+
+MODES = ("int8", "int4")
+
+
+# ---- quantize / dequantize (pure functions, the numerical reference) --------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q int8 [N, K], scale float32 [N]); symmetric, one scale per output row."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (codes uint8 [N, K] in 0..15, scale [N, K/g], zero [N, K/g]) float32."""
+    n, k = w.shape
+    if k % group_size:
+        raise GemmaforgeError(f"int4 group size {group_size} does not divide the input size {k}: use 32 or 64")
+    wg = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scale, lo + 8.0 * scale
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    g = k // scale.shape[1]
+    qg = q.reshape(n, k // g, g).float() - 8.0
+    return (qg * scale[..., None].float() + zero[..., None].float()).reshape(n, k)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in 0..15 -> [N, K/2], two codes a byte (low nibble first)."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
+
+
+# ---- kernels ----------------------------------------------------------------------------------------
+def _int4_kernel_ok(device: torch.device, n: int, k: int) -> bool:
+    """Whether PyTorch's packed int4 kernel takes this [n, k] weight (else: dequantize, then matmul)."""
+    if device.type == "cpu":
+        return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and n % 16 == 0
+    # The CUDA kernel needs bf16 tensor cores (sm80+), N % 8 == 0 and K a multiple of innerKTiles * 16.
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+            and n % 8 == 0 and k % 128 == 0)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T without materialising the float weight (``torch._weight_int8pack_mm``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q, scale = quantize_int8(weight)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("qweight", q.to(weight.device))
+        self.register_buffer("scale", scale.to(weight.device))
+        # The CPU kernel is vectorised for bf16 activations only (fp32 runs ~4x slower than fp32
+        # sgemm): compute in bf16 there and cast back. Elsewhere keep the activation dtype.
+        self.compute_dtype = torch.bfloat16 if weight.device.type == "cpu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        cd = self.compute_dtype or dtype
+        x2 = x.reshape(-1, self.in_features).to(cd)
+        y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(cd))
+        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(nn.Module):
+    """Group-wise int4 weight; PyTorch's packed int4 kernel (bf16 activations) where available."""
+
+    def __init__(self, weight: torch.Tensor, group_size: int = 32, *, keep_codes: bool = False):
+        super().__init__()
+        q, scale, zero = quantize_int4(weight, group_size)
+        dev = weight.device
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        # [K/g, N, 2] is the kernels' scale-and-zero layout.
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dev))
+        self.kernel = _int4_kernel_ok(dev, self.out_features, self.in_features)
+        # The kernel's packed layout is opaque: embeddings (row gathers) keep plain codes as well.
+        plain = keep_codes or not self.kernel
+        self.register_buffer("codes", pack_nibbles(q).to(dev) if plain else None)
+        if self.kernel:
+            if dev.type == "cpu":
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q).to(dev), 8)
+            self.register_buffer("packed", packed.to(dev))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if not self.kernel:
+            y = F.linear(x2, self.dequantize().to(dtype))
+        elif x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros.to(torch.bfloat16)
+            )
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros.to(torch.bfloat16)
+            )
+        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight (or only ``rows`` of it); needs ``codes`` (kept for embeddings)."""
+        if self.codes is None:
+            raise RuntimeError("this Int4Linear kept no plain codes; build it with keep_codes=True")
+        codes, sz = self.codes, self.scales_zeros
+        if rows is not None:
+            codes, sz = codes[rows], sz[:, rows]
+        return dequantize_int4(unpack_nibbles(codes), sz[..., 0].t(), sz[..., 1].t())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+
+
+class QuantEmbedding(nn.Module):
+    """The tied table, quantized once, used both ways: ``forward`` gathers and dequantizes rows
+    (input embedding), ``head`` is the output matmul. Same interface as ``model.Embedding``."""
+
+    def __init__(self, weight: torch.Tensor, mode: str, group_size: int = 32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.dtype = weight.dtype
+        self.mode = mode
+        self.table = Int8Linear(weight) if mode == "int8" else Int4Linear(weight, group_size, keep_codes=True)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        t = self.table
+        if self.mode == "int8":
+            rows = t.qweight[flat].float() * t.scale[flat, None]
+        else:
+            rows = t.dequantize(flat)
+        return rows.to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.table(h)
+
+
+# ---- whole-model transformation ---------------------------------------------------------------------
+def _make(weight: torch.Tensor, mode: str, group_size: int) -> nn.Module:
+    return Int8Linear(weight) if mode == "int8" else Int4Linear(weight, group_size)
+
+
+@torch.no_grad()
+def quantize(model, mode: str, *, group_size: int = 32, head: str | None = "same"):
+    """Quantize ``model`` in place: every linear layer to ``mode``, the tied embedding/head to ``head``
+    ("same" = ``mode``, "int8", "int4", or None to keep it in float).
+
+    q/k/v and gate/up are fused first: one matmul instead of three (two) per layer and token.
+    Measured on the embedded 270M model (docs/benchmarks.md), 4-bit costs much more perplexity in the
+    layers than in the head, so "int8 layers + int4 head" is the better trade than all-int4.
+    """
+    head = mode if head == "same" else head
+    for m in (mode, head):
+        if m is not None and m not in MODES:
+            raise GemmaforgeError(f"unknown quantization {m!r}: use one of {', '.join(MODES)} (or none)")
+    if getattr(model, "quantization", None):
+        raise GemmaforgeError(f"model is already quantized ({model.quantization}): load it again first")
+    for block in model.layers:
+        a, m = block.attn, block.mlp
+        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        a.fused_qkv = _make(qkv, mode, group_size)
+        del a.q_proj, a.k_proj, a.v_proj
+        a.o_proj = _make(a.o_proj.weight, mode, group_size)
+        m.fused_gate_up = _make(torch.cat([m.gate_proj.weight, m.up_proj.weight]), mode, group_size)
+        del m.gate_proj, m.up_proj
+        m.down_proj = _make(m.down_proj.weight, mode, group_size)
+    if head is not None:
+        model.embed = QuantEmbedding(model.embed.weight, head, group_size)
+    model.quantization = f"{mode}, head {head or 'float'}"
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of all parameters and buffers that hold weights (not rope tables)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total + sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "inv_freq" not in n)

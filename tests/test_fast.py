@@ -1,0 +1,191 @@
+"""The fast decode path against the eager reference (model forward with a cache), the engine with
+and without it, and the benchmark scripts' code paths on tiny models (no timings asserted)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, randomize
+from gemmaforge import Gemma, GemmaforgeError
+from gemmaforge.generate.engine import Engine
+from gemmaforge.generate.fast import FastForward, decode_step
+from gemmaforge.generate.sampling import SamplingParams
+from gemmaforge.quant import quantize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def padded_prompt(vocab, b=2, t=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (b, t), generator=g)
+    positions = torch.arange(t).expand(b, t).clone()
+    positions[1, :2] = -1  # row 1 is left-padded
+    return tokens, positions, g
+
+
+def compare_decode(model, fast: FastForward, steps=14, max_len=40):
+    """Max |logit difference| between eager (model forward) and ``fast``, prefill then ``steps`` tokens.
+    14 steps after a 5-token prompt run past the tiny presets' windows, so the ring buffer wraps."""
+    vocab = model.config.vocab_size
+    tokens, positions, g = padded_prompt(vocab)
+    ref_cache, fast_cache = model.new_cache(2, max_len), fast.new_cache(2, max_len)
+    with torch.no_grad():
+        err = (model(tokens, positions, ref_cache)[:, -1] - fast(tokens, positions, fast_cache)).abs().max()
+        pos = positions[:, -1:]
+        for _ in range(steps):
+            new = torch.randint(0, vocab, (2, 1), generator=g)
+            pos = pos + 1
+            ref = model(new, pos, ref_cache)[:, -1]
+            err = max(err, (ref - fast(new, pos, fast_cache)).abs().max())
+    assert fast_cache.length == ref_cache.length
+    # The same keys were written to the same slots. Row 0 only: row 1's padding slots hold garbage
+    # (a pad query sees no key) that differs with whatever a reused cache held before, harmlessly.
+    for a, b in zip(ref_cache.k, fast_cache.k):
+        torch.testing.assert_close(a[0, :, : ref_cache.length], b[0, :, : ref_cache.length])
+    return float(err)
+
+
+def test_fast_decode_matches_eager(model):
+    assert model.config.sliding_window < 19
+    assert compare_decode(model, FastForward(model)) < 1e-5
+
+
+def test_static_shape_step_matches_eager(model):
+    """kv_len=None is the GPU form (attend over every global slot, unwritten ones masked)."""
+    fast = FastForward(model)
+    tokens, positions, g = padded_prompt(model.config.vocab_size)
+    a, b = model.new_cache(2, 32), model.new_cache(2, 32)
+    with torch.no_grad():
+        model(tokens, positions, a)
+        fast(tokens, positions, b)
+        col = torch.tensor([b.length])
+        pos = positions[:, -1:]
+        for _ in range(10):
+            new = torch.randint(0, model.config.vocab_size, (2, 1), generator=g)
+            pos = pos + 1
+            ref = model(new, pos, a)[:, -1]
+            out = decode_step(model, new, pos, b, col, kv_len=None)
+            col += 1
+            b.length += 1
+            assert (ref - out).abs().max() < 1e-5
+
+
+def test_soft_caps_are_applied_in_the_fast_step():
+    """Tiny caps (1 and 2) make every tanh matter: the step must still match eager, stay inside the
+    final cap, and differ from the same weights without caps (no silently uncapped kernel)."""
+    capped_cfg = CONFIGS["gemma2"].replace(attn_logit_softcap=1.0, final_logit_softcap=2.0)
+    capped = randomize(Gemma(capped_cfg))
+    with torch.no_grad():
+        capped.embed.weight.mul_(20)  # logits well beyond the final cap
+    uncapped = Gemma(capped_cfg.replace(attn_logit_softcap=None, final_logit_softcap=None))
+    uncapped.load_state_dict(capped.state_dict())
+    assert compare_decode(capped, FastForward(capped)) < 1e-5
+    tokens, positions, _ = padded_prompt(capped_cfg.vocab_size)
+    fa, fb = FastForward(capped), FastForward(uncapped.eval())
+    ca, cb = capped.new_cache(2, 16), uncapped.new_cache(2, 16)
+    fa(tokens, positions, ca), fb(tokens, positions, cb)
+    new, pos = tokens[:, :1], positions[:, -1:] + 1
+    a, b = fa(new, pos, ca), fb(new, pos, cb)
+    assert a.abs().max() <= 2.0 and b.abs().max() > 2.0
+    assert (torch.tanh(b / 2) * 2 - a).abs().max() > 1e-3  # the attention cap changed the hidden states too
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fast_decode_matches_eager_on_a_quantized_model(mode):
+    model = quantize(randomize(Gemma(CONFIGS["gemma3"])), mode)
+    assert compare_decode(model, FastForward(model)) < 1e-3  # same kernels both ways; bf16 inside
+
+
+def test_cache_overflow_is_an_error(model):
+    fast = FastForward(model)
+    cache = model.new_cache(1, 3)
+    fast(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache)
+    with pytest.raises(ValueError, match="cache full"):
+        fast(torch.tensor([[4]]), torch.tensor([[3]]), cache)
+
+
+def test_compiled_step_matches_eager():
+    """The torch.compile'd step (fullgraph: no graph breaks) on CPU; the GPU run adds CUDA graphs."""
+    model = randomize(Gemma(CONFIGS["gemma2"]))
+    fast = FastForward(model, compile=True, mode="default")
+    assert compare_decode(model, fast, steps=10) < 1e-5
+    assert compare_decode(model, fast, steps=4) < 1e-5  # a reused (pooled) cache: no stale state
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_engine_fast_is_default_and_generates_what_eager_generates(name):
+    model = randomize(Gemma(CONFIGS[name]))
+    prompts = [[2, 7, 9, 11], [2, 5]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    fast_engine, eager_engine = Engine(model), Engine(model, fast=False)
+    assert fast_engine.fast is not None and eager_engine.fast is None
+    assert fast_engine.generate(prompts, params) == eager_engine.generate(prompts, params)
+    sampled = SamplingParams(temperature=1.0, top_k=20, seed=3, max_new_tokens=12)
+    assert fast_engine.generate(prompts, sampled) == eager_engine.generate(prompts, sampled)
+
+
+# ---- the benchmark code paths on tiny models (speed is measured by the scripts, never asserted) ------
+def test_benchmark_runs_and_writes_a_report(tmp_path):
+    from gemmaforge.benchmark import BenchSettings, format_table, run_benchmark, write_json
+
+    s = BenchSettings(prompt_len=12, new_tokens=3, batch=2, repeats=1, isolate=False,
+                      variants=("gemmaforge:fp32", "gemmaforge:int8-h4", "gemmaforge-eager:fp32", "hf:fp32",
+                                "llama.cpp:q8_0"))
+    report = run_benchmark("tiny-gemma2", s, tmp_path / "work", progress=False)
+    rows = {r["variant"]: r for r in report["results"]}
+    for v in ("gemmaforge:fp32", "gemmaforge:int8-h4", "hf:fp32"):
+        assert rows[v]["prefill_tok_s"] > 0 and rows[v]["decode_tok_s_b1"] > 0 and rows[v]["decode_tok_s_b2"] > 0
+    assert "skipped" in rows["llama.cpp:q8_0"] or rows["llama.cpp:q8_0"]["decode_tok_s_b1"] > 0
+    table = format_table(report)
+    assert table.count("\n") == len(s.variants) + 1 and "1.00x" in table  # HF row divided by itself
+    write_json(report, tmp_path / "out" / "r.json")
+    assert json.loads((tmp_path / "out" / "r.json").read_text())["settings"]["batch"] == 2
+    assert not list((tmp_path / "out").glob(".*tmp"))
+
+
+def test_benchmark_perplexity_agrees_with_transformers():
+    """Teacher-forced perplexity, ours vs HF's on the same weights: the number reported per precision."""
+    pytest.importorskip("transformers")
+    from test_model_hf import hf_model
+
+    from gemmaforge.benchmark import gemmaforge_perplexity, hf_perplexity
+
+    model = randomize(Gemma(CONFIGS["gemma3"]))
+    ids = [2] + torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    ours, theirs = gemmaforge_perplexity(model, ids, chunk=7), hf_perplexity(hf_model(model), ids)
+    assert abs(ours / theirs - 1) < 1e-4
+
+
+def test_bench_command_rejects_bad_input():
+    from gemmaforge.cli import main
+
+    assert main(["bench", "--variants", "gemmaforge:int3"]) == 2
+    assert main(["bench", "--new-tokens", "1"]) == 2
+
+
+def test_gpu_script_runs_on_cpu_with_a_tiny_preset(tmp_path):
+    """bench/gpu_inference.py is written for one H100; its whole path (build, correctness against
+    eager, every timed variant, JSON) runs here on CPU with a tiny preset."""
+    env = dict(os.environ, OUT=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_inference.py"), "--device", "cpu", "--preset", "tiny-gemma2",
+         "--prefill-lens", "16,32", "--long-prefill", "64", "--batches", "1,2", "--prompt-len", "8",
+         "--new-tokens", "4", "--repeats", "1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_inference.json").read_text())
+    checks = report["correctness"]
+    assert checks and all(c["ok"] for c in checks), checks
+    names = " | ".join(c["name"] for c in checks)
+    for part in ("decode fast vs eager", "chunked vs eager (local", "chunked vs eager (global", "sdpa refuses",
+                 "vs HF transformers"):
+        assert part in names
+    assert report["prefill"] and report["decode"]
+    assert report["long_prefill"]["peak_bytes"] is None or report["long_prefill"]["peak_bytes"] > 0

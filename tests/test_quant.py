@@ -1,0 +1,189 @@
+"""Weight-only int8 / int4 quantization: round-trip error bounds, the fast kernels against the
+dequantize-then-matmul reference, and whole-model logits against the float32 model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CONFIGS, randomize
+from gemmaforge import Gemma, GemmaforgeError
+from gemmaforge.quant import (
+    Int4Linear,
+    Int8Linear,
+    QuantEmbedding,
+    dequantize_int4,
+    dequantize_int8,
+    pack_nibbles,
+    quantize,
+    quantize_int4,
+    quantize_int8,
+    unpack_nibbles,
+    weight_bytes,
+)
+
+
+def weights(n=96, k=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[3] *= 40  # rows with very different ranges: per-row / per-group scales must cope
+    w[5, :7] = 0.0
+    return w
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_int8_round_trip_is_within_half_a_step():
+    w = weights()
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (dequantize_int8(q, scale) - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+    # each row's largest weight is represented exactly (symmetric: max|w| = 127 * scale)
+    assert torch.allclose(q.abs().amax(1).float(), torch.full((w.shape[0],), 127.0))
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_round_trip_is_within_half_a_step(group):
+    w = weights()
+    q, scale, zero = quantize_int4(w, group)
+    assert q.dtype == torch.uint8 and q.max() <= 15 and scale.shape == (w.shape[0], w.shape[1] // group)
+    err = (dequantize_int4(q, scale, zero) - w).abs()
+    step = scale.repeat_interleave(group, dim=1)
+    assert (err <= step / 2 + 1e-5).all()
+    # group minimum and maximum map to codes 0 and 15
+    g = q.reshape(w.shape[0], -1, group)
+    assert (g.amin(-1) == 0).all() and (g.amax(-1)[scale > 1e-6] == 15).all()
+
+
+def test_int4_rejects_a_group_that_does_not_divide_the_row():
+    with pytest.raises(GemmaforgeError, match="does not divide"):
+        quantize_int4(torch.randn(4, 48), 32)
+
+
+def test_nibble_packing_round_trips():
+    q = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    p = pack_nibbles(q)
+    assert p.shape == (5, 32)
+    assert torch.equal(unpack_nibbles(p), q)
+
+
+@pytest.mark.parametrize("shape", [(2, 128), (3, 5, 128), (1, 1, 128)])
+def test_int8_kernel_matches_dequantized_matmul(shape):
+    w = weights()
+    lin = Int8Linear(w)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    ref = F.linear(x, lin.dequantize())
+    out = lin(x)
+    assert out.shape == (*shape[:-1], w.shape[0]) and out.dtype == x.dtype
+    assert rel_err(out, ref) < 1e-2  # bf16 activations inside the CPU kernel (quant.Int8Linear)
+    assert rel_err(out, F.linear(x, w)) < 2e-2  # and close to the unquantized layer
+
+
+@pytest.mark.parametrize("shape", [(2, 128), (3, 5, 128)])
+def test_int4_kernel_matches_dequantized_matmul(shape):
+    w = weights()
+    lin = Int4Linear(w, 32, keep_codes=True)
+    assert lin.kernel, "PyTorch's packed int4 CPU kernel should be available"
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    ref = F.linear(x, lin.dequantize())
+    assert rel_err(lin(x), ref) < 1e-2
+    assert rel_err(lin(x), F.linear(x, w)) < 0.15  # 4 bits: a coarse but bounded approximation
+
+
+def test_int4_fallback_without_kernel_is_exact_dequantized_matmul():
+    w = weights()
+    lin = Int4Linear(w, 32)
+    fallback = copy.deepcopy(lin)
+    fallback.kernel = False
+    fallback.register_buffer("codes", pack_nibbles(quantize_int4(w, 32)[0]))
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(fallback(x), F.linear(x, fallback.dequantize()))
+    assert rel_err(fallback(x), lin(x)) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [208, 200])  # 200: not a multiple of 16, int4 takes the fallback
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_embedding_rows_and_head(mode, rows):
+    w = weights(n=rows, k=64)
+    emb = QuantEmbedding(w, mode)
+    tokens = torch.tensor([[0, 3, 199], [5, 5, 7]])
+    table = emb.table.dequantize()
+    torch.testing.assert_close(emb(tokens), table[tokens])  # lookups are exact dequantized rows
+    assert rel_err(emb(tokens), w[tokens]) < (0.01 if mode == "int8" else 0.1)
+    h = torch.randn(2, 3, 64)
+    assert rel_err(emb.head(h), F.linear(h, table)) < 1e-2
+
+
+def round_trip(w, mode):
+    if mode == "int8":
+        return dequantize_int8(*quantize_int8(w))
+    return dequantize_int4(*quantize_int4(w, 32))
+
+
+@pytest.mark.parametrize("mode,head", [("int8", "int8"), ("int4", "int4"), ("int8", "int4"), ("int4", None)])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_quantized_model_equals_float_model_on_rounded_weights(name, mode, head):
+    """The oracle: a float model whose weights are the quantize -> dequantize round trip. What is
+    left is only the kernels' bf16 activations, so this checks fusing, splitting and the head."""
+    model = randomize(Gemma(CONFIGS[name]))
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for pname, p in ref.named_parameters():
+            if p.ndim == 2 and (pname != "embed.weight" or head is not None):
+                p.copy_(round_trip(p, head if pname == "embed.weight" else mode))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = quantize(model, mode, head=head)(tokens)
+        expected = ref(tokens)
+    assert rel_err(out, expected) < 2e-2
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_int8_model_logits_stay_close_to_float32(name):
+    model = randomize(Gemma(CONFIGS[name]))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(tokens)
+        q = quantize(copy.deepcopy(model), "int8")
+        out = q(tokens)
+    assert rel_err(out, ref) < 0.06
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert weight_bytes(q) < weight_bytes(model) / 3
+
+
+def test_quantize_fuses_projections_and_rejects_misuse():
+    model = randomize(Gemma(CONFIGS["gemma3"]))
+    with pytest.raises(GemmaforgeError, match="unknown quantization"):
+        quantize(model, "int3")
+    quantize(model, "int8")
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    assert isinstance(attn.fused_qkv, Int8Linear) and not hasattr(attn, "q_proj")
+    assert isinstance(mlp.fused_gate_up, Int8Linear) and not hasattr(mlp, "gate_proj")
+    assert isinstance(model.embed, QuantEmbedding)
+    with pytest.raises(GemmaforgeError, match="already quantized"):
+        quantize(model, "int4")
+
+
+def test_embedded_model_int8_keeps_its_predictions():
+    """The real 270M model on the fixed benchmark text: int8 keeps the next-token distributions
+    (mean KL, top-1 agreement). Perplexities for every precision are in docs/benchmarks.md."""
+    import gemmaforge
+    from gemmaforge.benchmark import fixed_text
+    from gemmaforge.tokenizer import load_tokenizer
+
+    try:
+        model = gemmaforge.load(None)
+    except GemmaforgeError as e:
+        pytest.skip(str(e))
+    tokens = torch.tensor([load_tokenizer(None).encode(fixed_text(300))])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(tokens), -1)
+        out = torch.log_softmax(quantize(model, "int8")(tokens), -1)
+    kl = (ref.exp() * (ref - out)).sum(-1).mean().item()
+    agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
+    print(f"{tokens.shape[1]} tokens: mean KL(fp32 || int8) {kl:.4f} nats, top-1 agreement {agree:.3f}")
+    assert kl < 0.05 and agree >= 0.9  # all-int4 is ~10x further off (docs/benchmarks.md)
