@@ -158,6 +158,19 @@ def test_chat_keeps_history_resets_and_exits(cmd, model_dir, monkeypatch):
     assert "unknown command /bogus" in err
 
 
+def test_chat_system_text_leads_every_turn(cmd, model_dir, monkeypatch):
+    seen = []
+
+    def fake_stream(engine, tokenizer, messages, **kwargs):
+        seen.append(messages[0])
+        yield "ok"
+
+    monkeypatch.setattr(importlib.import_module("gemmaforge.generate"), "stream", fake_stream)
+    code, out, _ = cmd("chat", "--model", model_dir, "--system", "Answer in French.", stdin="hi\nagain\n")
+    assert code == 0 and out == "ok\nok\n"
+    assert seen == [{"role": "system", "content": "Answer in French."}] * 2
+
+
 def test_chat_streams_the_models_reply(cmd, model_dir, lib):
     code, out, _ = cmd("chat", "--model", model_dir, "--max-new-tokens", 6, stdin="Hi\n")
     assert code == 0
@@ -287,5 +300,7 @@ def test_api_errors_are_raised_at_the_call(lib):
         gemmaforge.stream(model, tok, "x", temprature=0.5)
     with pytest.raises(gemmaforge.GemmaforgeError, match="prompt is empty"):
         gemmaforge.generate(model, tok, ["ok", ""])
+    with pytest.raises(gemmaforge.GemmaforgeError, match="context is 256"):
+        gemmaforge.stream(model, tok, "word " * 300)
     with pytest.raises(gemmaforge.GemmaforgeError, match="role"):
         gemmaforge.generate(model, tok, [{"role": "robot", "content": "hi"}])

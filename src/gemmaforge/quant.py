@@ -20,6 +20,9 @@ A quantized model is for inference: it no longer saves to HF/GGUF.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -80,8 +83,24 @@ def _int4_kernel_ok(device: torch.device, n: int, k: int) -> bool:
             and n % 8 == 0 and k % 128 == 0)
 
 
+def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [1, K] float32, q [N, K] int8 -> [1, N]: written as a reduction so that inductor emits one
+    streaming loop (int8 load, convert, fused multiply-add), float32 throughout."""
+    return (x[:, None, :] * q).sum(-1) * scale
+
+
+@functools.cache
+def _compiled_gemv():
+    return torch.compile(_int8_gemv, dynamic=True)
+
+
+_GEMV_MIN_WEIGHTS = 1 << 24  # measured on 2 Zen 4 cores: pays off for the 640 x 262144 head only
+_gemv_failed = False
+
+
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T without materialising the float weight (``torch._weight_int8pack_mm``)."""
+    """y = x @ (q * scale).T without materialising the float weight (``torch._weight_int8pack_mm``;
+    on CPU, one-row inputs to a large weight take a compiled GEMV, 2x faster for the output head)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -94,10 +113,19 @@ class Int8Linear(nn.Module):
         self.compute_dtype = torch.bfloat16 if weight.device.type == "cpu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global _gemv_failed
         shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if (x.device.type == "cpu" and x2.shape[0] == 1 and self.qweight.numel() >= _GEMV_MIN_WEIGHTS
+                and not _gemv_failed and not torch.is_grad_enabled()):
+            try:
+                y = _compiled_gemv()(x2.float(), self.qweight, self.scale)
+                return y.to(dtype).reshape(*shape[:-1], self.out_features)
+            except Exception as e:  # no C++ compiler for inductor, say: the kernel below still works
+                _gemv_failed = True
+                warnings.warn(f"compiled int8 GEMV unavailable ({type(e).__name__}); using _weight_int8pack_mm")
         cd = self.compute_dtype or dtype
-        x2 = x.reshape(-1, self.in_features).to(cd)
-        y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(cd))
+        y = torch._weight_int8pack_mm(x2.to(cd), self.qweight, self.scale.to(cd))
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:

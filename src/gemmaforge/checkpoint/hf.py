@@ -122,6 +122,9 @@ def save_pretrained(model, directory, *, max_shard_bytes: int = 2 << 30) -> None
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like a normal mkdir
     try:
         tensors = {to_hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         shards: list[dict[str, torch.Tensor]] = [{}]

@@ -154,12 +154,12 @@ def stream(model: Gemma | Engine, tokenizer: Tokenizer, prompt: str | Messages, 
     """
     params = sampling_params(params, **sampling)
     ids = encode_prompt(tokenizer, prompt, chat)
-    return _stream(_engine(model), tokenizer, ids, params)
+    steps = _engine(model).steps([ids], params, tokenizer.stop_ids)  # checks the prompt's length now
+    return _stream(steps, TextStream(tokenizer, params.stop, tokenizer.stop_ids))
 
 
-def _stream(engine: Engine, tokenizer: Tokenizer, ids: list[int], params: SamplingParams) -> Iterator[str]:
-    text = TextStream(tokenizer, params.stop, tokenizer.stop_ids)
-    for step in engine.steps([ids], params, tokenizer.stop_ids):
+def _stream(steps: Iterator, text: TextStream) -> Iterator[str]:
+    for step in steps:
         t = int(step[0])
         if t == FINISHED:
             break

@@ -81,8 +81,12 @@ def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cac
     ring_col = col % cache.window
     cache.global_pos.index_copy_(1, col, positions)
     cache.ring_pos.index_copy_(1, ring_col, positions)
+    # kv_len (eager only): attend over the written slots only. The ring fills slot = column % W, so
+    # before it wraps the written slots are a prefix too.
+    ring_len = None if kv_len is None or kv_len >= cache.window else kv_len
     global_pos = cache.global_pos if kv_len is None else cache.global_pos[:, :kv_len]
-    bias = {True: _bias(positions, cache.ring_pos, c.sliding_window), False: _bias(positions, global_pos, None)}
+    ring_pos = cache.ring_pos if ring_len is None else cache.ring_pos[:, :ring_len]
+    bias = {True: _bias(positions, ring_pos, c.sliding_window), False: _bias(positions, global_pos, None)}
     heads, kv_heads, hd = c.num_heads, c.num_kv_heads, c.head_dim
     for i, block in enumerate(model.layers):
         local = c.is_local(i)
@@ -98,8 +102,9 @@ def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cac
         slot = ring_col if local else col
         ck.index_copy_(2, slot, k)
         cv.index_copy_(2, slot, v)
-        if not local and kv_len is not None:
-            ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]
+        n = ring_len if local else kv_len
+        if n is not None:
+            ck, cv = ck[:, :, :n], cv[:, :, :n]
         y = _attend(q, ck, cv, bias[local], c.attn_scale, c.attn_logit_softcap)
         h = h + block.post_attn_norm(attn.o_proj(y.view(b, 1, heads * hd)))
         h = h + block.post_mlp_norm(block.mlp(block.pre_mlp_norm(h)))

@@ -21,7 +21,7 @@ from ..errors import GemmaforgeError
 @dataclass(frozen=True)
 class TrainConfig:
     # ---- what to train, on what, where to write -------------------------------------------------
-    model: str = "tiny-gemma2"  # preset name (random init) or checkpoint: HF dir, .gguf
+    model: str = "tiny-gemma2"  # preset name (random init), checkpoint (HF dir, .gguf) or "default"
     data: str = ""  # directory written by `gemmaforge prepare-data`
     out: str = ""  # run directory: checkpoints/, model/, metrics.jsonl, tensorboard/
     seed: int = 0  # weight init of presets and the data order

@@ -123,7 +123,8 @@ def check_vocab(model: Gemma, meta: dict, role: str) -> None:
 def load_student(cfg: TrainConfig, device: torch.device) -> Gemma:
     from ..checkpoint import load
 
-    model = load(cfg.model, dtype=_dtype(cfg.dtype, device), device=device, seed=cfg.seed)
+    source = None if cfg.model == "default" else cfg.model  # "default" = the embedded Gemma 3 270M
+    model = load(source, dtype=_dtype(cfg.dtype, device), device=device, seed=cfg.seed)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model.train()
 
@@ -209,7 +210,7 @@ def _train(cfg: TrainConfig, info: DistInfo, distill: bool) -> dict:
     micro, accum = batch_split(cfg, info.world)
 
     device = info.device
-    check_tokenizer(cfg.model, meta, "model")
+    check_tokenizer(None if cfg.model == "default" else cfg.model, meta, "model")
     student = load_student(cfg, device)
     check_vocab(student, meta, "model")
     teacher, cache = None, None
