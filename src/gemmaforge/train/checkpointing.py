@@ -86,6 +86,9 @@ def save_checkpoint(run_dir: str | Path, step: int, student: nn.Module, optimize
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint should look like a normal mkdir
         try:
             export_model(model_state, student.config, tmp / "model", tokenizer_file)
             torch.save({"trainer": trainer_state, "optimizer": optim_state}, tmp / "trainer.pt")

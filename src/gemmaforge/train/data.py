@@ -259,8 +259,7 @@ def prepare_data(inputs: Sequence[str | Path], out: str | Path, tokenizer_source
             f"the validation split is empty ({n_docs} documents, --val-fraction {val_fraction}): raise --val-fraction"
         )
     tok_file = out / "tokenizer.json"
-    tok._backend.save(str(tok_file.with_name(".tokenizer.json.tmp")))  # the Rust tokenizer's own format
-    os.replace(tok_file.with_name(".tokenizer.json.tmp"), tok_file)
+    tok.save(tok_file)
     meta = {
         "format": FORMAT, "fingerprint": fingerprint, "tokenizer": str(tok.source), "tokenizer_sha256": digest,
         "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,

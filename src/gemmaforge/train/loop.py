@@ -200,8 +200,7 @@ def _train(cfg: TrainConfig, info: DistInfo, distill: bool) -> dict:
     if not cfg.out:
         raise GemmaforgeError("no output directory: set out: DIR in the config or pass --out DIR")
     out = Path(cfg.out)
-    if info.is_main:
-        prepare_out_dir(out)
+    prepare_out_dir(out)  # on every process: one that failed alone would leave the others waiting
     meta = read_meta(cfg.data)
     data_dir = Path(cfg.data)
     tokenizer_file = data_dir / "tokenizer.json"
