@@ -1,7 +1,6 @@
 """The fast decode path against the eager reference (model forward with a cache), the engine with
 and without it, and the benchmark scripts' code paths on tiny models (no timings asserted)."""
 
-import copy
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, randomize
-from gemmaforge import Gemma, GemmaforgeError
+from gemmaforge import Gemma
 from gemmaforge.generate.engine import Engine
 from gemmaforge.generate.fast import FastForward, decode_step
 from gemmaforge.generate.sampling import SamplingParams

@@ -464,10 +464,12 @@ def environment(threads: int) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
            "cpu": _cpu_name(), "cores": os.cpu_count()}
-    for pkg in ("transformers", "llama_cpp", "gguf"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("transformers", "llama-cpp-python", "gguf"):
         try:
-            env[pkg] = __import__(pkg).__version__
-        except Exception:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
             env[pkg] = None
     return env
 

@@ -71,7 +71,8 @@ class KVCache:
         else:
             # Chunked prefill: earlier queries of this chunk may need keys that later tokens of the
             # chunk would overwrite, so attend over [ring before this chunk | the chunk], then write.
-            local_k_pos = torch.cat([self.ring_pos, positions], dim=1)
+            # The first chunk has an empty ring: attend over the chunk alone (W fewer keys to score).
+            local_k_pos = positions if self.length == 0 else torch.cat([self.ring_pos, positions], dim=1)
         return CacheStep(
             self.length, t, cols, ring_cols, self.global_pos[:, : self.length + t], local_k_pos
         )
@@ -89,7 +90,7 @@ class KVCache:
             ck.index_copy_(2, step.ring_cols, k)
             cv.index_copy_(2, step.ring_cols, v)
             return ck, cv
-        keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        keys, values = (k, v) if step.length == 0 else (torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2))
         ck.index_copy_(2, step.ring_cols, k[:, :, -m:])
         cv.index_copy_(2, step.ring_cols, v[:, :, -m:])
         return keys, values

@@ -9,13 +9,14 @@ quantized too (``QuantEmbedding``: row gathers for the input side, one matmul fo
     int4:  w ~ (q - 8) * scale[row, g] + zero[row, g]  q in [0, 15], per group of ``group_size`` inputs,
                                                        scale = (max - min) / 15, zero = min + 8 * scale
 
-The int4 form (asymmetric, "mid-point" zero) is the one PyTorch's packed int4 kernels
-(``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``) expect, so the same codes serve the fast
-kernel and the plain dequantize-then-matmul fallback that the tests use as the reference.
+The int4 form (asymmetric, "mid-point" zero) is the one PyTorch's packed int4 CPU kernel
+(``_weight_int4pack_mm_for_cpu``) expects, so the same codes serve the fast kernel and the plain
+dequantize-then-matmul fallback (other devices, odd shapes).
 
-``quantize(model, "int8" | "int4")`` swaps modules in place and also fuses q/k/v and gate/up into one
-matmul each (``fused_qkv`` / ``fused_gate_up`` in model.py): per-row scales make fusing exact.
-A quantized model is for inference: it no longer saves to HF/GGUF.
+``quantize(model, "int8" | "int4", head=...)`` swaps modules in place and also fuses q/k/v and gate/up
+into one matmul each (``fused_qkv`` / ``fused_gate_up`` in model.py): per-row scales make fusing exact.
+A quantized model is for inference: it no longer saves to HF/GGUF. Speed and perplexity of each
+precision on the embedded model: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -75,12 +76,10 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 # ---- kernels ----------------------------------------------------------------------------------------
 def _int4_kernel_ok(device: torch.device, n: int, k: int) -> bool:
-    """Whether PyTorch's packed int4 kernel takes this [n, k] weight (else: dequantize, then matmul)."""
-    if device.type == "cpu":
-        return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and n % 16 == 0
-    # The CUDA kernel needs bf16 tensor cores (sm80+), N % 8 == 0 and K a multiple of innerKTiles * 16.
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-            and n % 8 == 0 and k % 128 == 0)
+    """Whether PyTorch's packed int4 CPU kernel takes this [n, k] weight (else: dequantize, then matmul).
+    The CUDA kernel (``_weight_int4pack_mm``) packs nibbles in another order and is not used: this
+    project had no GPU to test it on."""
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and n % 16 == 0
 
 
 def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -94,25 +93,20 @@ def _compiled_gemv():
     return torch.compile(_int8_gemv, dynamic=True)
 
 
-@torch.library.custom_op("gemmaforge::int8_gemv", mutates_args=())
-def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The compiled GEMV as one opaque op, so that a compiled decode step calls it as a kernel
-    instead of fusing the layer's norm into the reduction (recomputed per output row: 50% slower)."""
-    return _compiled_gemv()(x, q, scale)
-
-
-@int8_gemv.register_fake
-def _(x, q, scale):
-    return x.new_empty(x.shape[0], q.shape[0])
-
-
-_GEMV_MIN_WEIGHTS = 0  # measured on Zen 4: faster than _weight_int8pack_mm for every layer of the 270M model
-_gemv_failed = False
+_gemv_failed = False  # set once if inductor cannot compile here (no C++ compiler, say)
+_BF16_GEMM_MIN_ROWS = 16  # below this, converting the weight costs more than the bf16 GEMM saves
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T without materialising the float weight (``torch._weight_int8pack_mm``;
-    on CPU, one-row inputs to a large weight take a compiled GEMV, 2x faster for the output head)."""
+    """y = x @ (q * scale).T, never materialising the float weight in float32.
+
+    Which kernel (measured on 2 Zen 4 cores, docs/benchmarks.md):
+      one row (decode), CPU   a compiled GEMV, float32 throughout: 2x faster than _weight_int8pack_mm
+      >= 16 rows, CPU         int8 -> bf16 (exact for |q| <= 127) and oneDNN's bf16 GEMM: ~2x sgemm
+      other CPU shapes        torch._weight_int8pack_mm with bf16 activations (its fast path)
+      inside torch.compile    the GEMV as a reduction for inductor to write (gpt-fast style)
+      other devices           dequantize to the activation dtype, then F.linear
+    """
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -120,29 +114,29 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("qweight", q.to(weight.device))
         self.register_buffer("scale", scale.to(weight.device))
-        # The CPU kernel is vectorised for bf16 activations only (fp32 runs ~4x slower than fp32
-        # sgemm): compute in bf16 there and cast back. Elsewhere keep the activation dtype.
-        self.compute_dtype = torch.bfloat16 if weight.device.type == "cpu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        global _gemv_failed
         shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, self.in_features)
-        if torch.compiler.is_compiling() and x2.shape[0] == 1:  # inside a compiled decode step
-            y = int8_gemv(x2.float(), self.qweight, self.scale) if x.device.type == "cpu" else \
-                _int8_gemv(x2.float(), self.qweight, self.scale)  # CUDA: inductor's own GEMV (gpt-fast)
-            return y.to(dtype).reshape(*shape[:-1], self.out_features)
-        if (x.device.type == "cpu" and x2.shape[0] == 1 and self.qweight.numel() >= _GEMV_MIN_WEIGHTS
-                and not _gemv_failed and not torch.is_grad_enabled()):
+        y = self._matmul(x.reshape(-1, self.in_features))
+        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        global _gemv_failed
+        rows = x.shape[0]
+        if torch.compiler.is_compiling() and rows == 1:
+            return _int8_gemv(x.float(), self.qweight, self.scale)
+        if x.device.type != "cpu":
+            return F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+        if rows == 1 and not _gemv_failed and not torch.is_grad_enabled():
             try:
-                y = _compiled_gemv()(x2.float(), self.qweight, self.scale)
-                return y.to(dtype).reshape(*shape[:-1], self.out_features)
-            except Exception as e:  # no C++ compiler for inductor, say: the kernel below still works
+                return _compiled_gemv()(x.float(), self.qweight, self.scale)
+            except Exception as e:  # the kernels below still work
                 _gemv_failed = True
                 warnings.warn(f"compiled int8 GEMV unavailable ({type(e).__name__}); using _weight_int8pack_mm")
-        cd = self.compute_dtype or dtype
-        y = torch._weight_int8pack_mm(x2.to(cd), self.qweight, self.scale.to(cd))
-        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+        if rows >= _BF16_GEMM_MIN_ROWS:
+            return F.linear(x.to(torch.bfloat16), self.qweight.to(torch.bfloat16)).float() * self.scale
+        bf = torch.bfloat16  # the CPU kernel's vectorised path; float32 activations run ~4x slower
+        return torch._weight_int8pack_mm(x.to(bf), self.qweight, self.scale.to(bf))
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scale)
@@ -152,7 +146,7 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Group-wise int4 weight; PyTorch's packed int4 kernel (bf16 activations) where available."""
+    """Group-wise int4 weight; PyTorch's packed int4 CPU kernel (bf16 activations) where it applies."""
 
     def __init__(self, weight: torch.Tensor, group_size: int = 32, *, keep_codes: bool = False):
         super().__init__()
@@ -167,25 +161,17 @@ class Int4Linear(nn.Module):
         plain = keep_codes or not self.kernel
         self.register_buffer("codes", pack_nibbles(q).to(dev) if plain else None)
         if self.kernel:
-            if dev.type == "cpu":
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            else:
-                packed = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q).to(dev), 8)
-            self.register_buffer("packed", packed.to(dev))
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features)
-        if not self.kernel:
-            y = F.linear(x2, self.dequantize().to(dtype))
-        elif x.device.type == "cpu":
+        if self.kernel:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros.to(torch.bfloat16)
             )
         else:
-            y = torch.ops.aten._weight_int4pack_mm(
-                x2.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros.to(torch.bfloat16)
-            )
+            y = F.linear(x2, self.dequantize().to(dtype))
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:

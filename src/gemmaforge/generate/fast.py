@@ -13,9 +13,9 @@ the bookkeeping cut to the minimum:
 
 On CUDA, ``FastForward`` compiles the step with ``mode="reduce-overhead"`` (inductor fuses the
 element-wise ops, CUDA graphs remove the per-kernel launch cost; REFERENCE.md section 9: HF's eager
-decode is launch-bound at 29.6 tok/s against a ~500 tok/s bandwidth floor). On CPU, compiling did
-not pay off on two shared cores (its OpenMP kernels stall when a core is busy), so the step runs
-eagerly and slices the global buffers to the written length instead (``kv_len``).
+decode is launch-bound at 29.6 tok/s against a ~500 tok/s bandwidth floor). On CPU the step runs
+eagerly (compiling the whole step was slower on the 270M model, docs/benchmarks.md) and attends over
+the written slots only (``kv_len``); the quantized matmuls bring their own compiled kernels (quant.py).
 
 Prefill (more than one new column) goes through ``Gemma.hidden_states``, whose attention dispatch
 already picks FlexAttention on CUDA and chunked attention for long CPU prompts (no T x T scores),
