@@ -53,6 +53,17 @@ def cmd(monkeypatch, capsys):
 
 
 # ---- generate -------------------------------------------------------------------------------------
+def test_generate_quant_int8_prints_what_the_quantized_library_generates(cmd, model_dir):
+    from gemmaforge.quant import quantize
+
+    model, tok = load(model_dir), load_tokenizer(model_dir)
+    quantize(model, "int8")
+    expected = gemmaforge.generate(model, tok, ["Hello there"], max_new_tokens=6)
+    code, out, err = cmd("generate", "--model", model_dir, "Hello there", "--max-new-tokens", 6, "--quant", "int8")
+    assert code == 0, err
+    assert out == expected[0] + "\n"
+
+
 def test_generate_prints_what_the_library_generates(cmd, model_dir, lib):
     code, out, err = cmd("generate", "--model", model_dir, "Hello there", "Once upon a time", "--max-new-tokens", 6)
     assert code == 0, err
