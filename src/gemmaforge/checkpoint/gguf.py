@@ -39,7 +39,7 @@ from gguf import (
 )
 from gguf import quants as gguf_quants
 
-from ..config import GLOBAL, LOCAL, GemmaConfig, gemma2_layer_types, gemma3_layer_types
+from ..config import GLOBAL, GemmaConfig, gemma2_layer_types, gemma3_layer_types
 from ..errors import GemmaforgeError
 from . import dequant
 
@@ -235,11 +235,20 @@ def _unreadable(path: Path, e: _Corrupt) -> GemmaforgeError:
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """All metadata of a GGUF file (key -> Python value), without touching tensor data."""
+    return read_gguf_header(path)[0]
+
+
+def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...]]]]:
+    """Metadata and the tensor table ((GGUF name, ggml type name, PyTorch-order shape) per tensor),
+    without reading any tensor data: what ``gemmaforge info`` shows."""
     path, buf = _open(path)
     try:
-        return _parse(buf, with_tensors=False)[0]
+        metadata, infos = _parse(buf, with_tensors=True)
     except _Corrupt as e:
         raise _unreadable(path, e) from None
+    finally:
+        buf.close()
+    return metadata, [(i.name, getattr(i.qtype, "name", str(i.qtype)), i.shape) for i in infos]
 
 
 # ---- metadata -> GemmaConfig -----------------------------------------------------------------------

@@ -35,17 +35,8 @@ def _gguf_header(path: Path) -> tuple[GemmaConfig, list[tuple[str, str, tuple[in
     """Config and (name, ggml type, shape) of every tensor, without dequantizing anything."""
     from ..checkpoint import gguf
 
-    metadata = gguf.read_gguf_metadata(path)
-    config = gguf.config_from_metadata(metadata, where=str(path))
-    # The tensor table is parsed by the GGUF module's header parser (no public wrapper yet).
-    _, buf = gguf._open(path)
-    try:
-        _, infos = gguf._parse(buf, with_tensors=True)
-    except gguf._Corrupt as e:
-        raise GemmaforgeError(f"{path} is not a readable GGUF file: {e}: re-download or re-export it") from None
-    finally:
-        buf.close()
-    return config, [(i.name, i.qtype.name, i.shape) for i in infos], metadata
+    metadata, tensors = gguf.read_gguf_header(path)
+    return gguf.config_from_metadata(metadata, where=str(path)), tensors, metadata
 
 
 def _hf_header(directory: Path) -> tuple[GemmaConfig, list[tuple[str, str, tuple[int, ...]]]]:
