@@ -86,14 +86,11 @@ def load(source, dtype=None, device=None, *, seed: int = 0) -> Gemma:
         from .hf import read_config, read_tensors
 
         return materialize(read_config(path), read_tensors(path), dtype=dtype, device=device)
-    if str(source) in PRESETS:
-        return _random(preset(str(source)), dtype, device, seed)
     if path.exists():
         raise GemmaforgeError(f"{path} is neither a .gguf file nor an HF model directory")
-    if "/" in str(source) or "." in str(source):
+    if str(source) not in PRESETS and ("/" in str(source) or "." in str(source)):
         raise GemmaforgeError(f"{source} does not exist: pass an HF directory, a .gguf file or a preset name")
-    preset(str(source))  # raises "unknown preset" with a suggestion
-    raise AssertionError("unreachable")
+    return _random(preset(str(source)), dtype, device, seed)  # preset() names close matches if unknown
 
 
 def _is_gguf(path: Path) -> bool:
