@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import mmap
-import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -216,7 +214,11 @@ def _load_file(path: Path, _mtime_ns: int, _size: int) -> Tokenizer:
 
 
 def _from_gguf(path: Path) -> Tokenizer:
-    meta = _read_gguf_tokenizer_metadata(path)
+    from .checkpoint.gguf import read_gguf_metadata
+
+    meta = read_gguf_metadata(path)
+    if "tokenizer.ggml.tokens" not in meta:
+        raise GemmaforgeError(f"{path} carries no tokenizer (no tokenizer.ggml.tokens): pass a tokenizer file too")
     kind = meta.get("tokenizer.ggml.model")
     if kind != "llama":  # llama.cpp's name for a SentencePiece vocabulary
         raise GemmaforgeError(
@@ -334,66 +336,6 @@ def _merges_by_position(vocab: dict[str, int]) -> list[tuple[str, str]]:
 
 
 # ---- reading the files -----------------------------------------------------------------------------
-
-# GGUF metadata value types (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): fixed-size ones
-# by struct format; 8 is a string, 9 an array.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _read_gguf_tokenizer_metadata(path: Path) -> dict:
-    """The ``general.*`` and ``tokenizer.*`` metadata of a GGUF file.
-
-    A small reader of our own rather than ``gguf.GGUFReader``: that one builds a numpy view per array
-    element, which takes seconds for a 262k-token vocabulary; here it is a few hundred milliseconds.
-    """
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
-        try:
-            _magic, version, _tensors, count = struct.unpack_from("<4sIQQ", blob, 0)
-            if version not in (2, 3):
-                raise GemmaforgeError(f"{path} is GGUF version {version}; gemmaforge reads versions 2 and 3")
-            pos, meta = 24, {}
-            for _ in range(count):
-                key, pos = _gguf_string(blob, pos)
-                (kind,) = struct.unpack_from("<I", blob, pos)
-                value, pos = _gguf_value(blob, pos + 4, kind)
-                if key.startswith(("general.", "tokenizer.")):
-                    meta[key] = value
-        except (struct.error, UnicodeDecodeError, KeyError):
-            raise GemmaforgeError(f"{path} is a truncated or corrupt GGUF file: download it again") from None
-    if "tokenizer.ggml.tokens" not in meta:
-        raise GemmaforgeError(f"{path} carries no tokenizer (no tokenizer.ggml.tokens): pass a tokenizer file too")
-    return meta
-
-
-def _gguf_string(blob, pos: int) -> tuple[str, int]:
-    (length,) = struct.unpack_from("<Q", blob, pos)
-    end = pos + 8 + length
-    if end > len(blob):
-        raise struct.error("string runs past the end of the file")
-    return blob[pos + 8 : end].decode("utf-8"), end
-
-
-def _gguf_value(blob, pos: int, kind: int):
-    if kind in _GGUF_SCALARS:
-        fmt = _GGUF_SCALARS[kind]
-        return struct.unpack_from(fmt, blob, pos)[0], pos + struct.calcsize(fmt)
-    if kind == _GGUF_STRING:
-        return _gguf_string(blob, pos)
-    if kind == _GGUF_ARRAY:
-        item_kind, length = struct.unpack_from("<IQ", blob, pos)
-        pos += 12
-        if item_kind in _GGUF_SCALARS:
-            fmt = _GGUF_SCALARS[item_kind]
-            values = list(struct.unpack_from(f"<{length}{fmt[1]}", blob, pos))
-            return values, pos + length * struct.calcsize(fmt)
-        values = []
-        for _ in range(length):
-            value, pos = _gguf_value(blob, pos, item_kind)
-            values.append(value)
-        return values, pos
-    raise KeyError(kind)
-
 
 def _read_sentencepiece_model(path: Path) -> dict:
     """The parts of a SentencePiece ``ModelProto`` we need, read straight from the protobuf wire format.

@@ -172,7 +172,24 @@ class _Parser:
             return np.frombuffer(self.buf, dtype=dtype, count=count, offset=start).tolist()
         if count > len(self.buf) - self.pos:  # every element takes >= 1 byte: a corrupt count
             raise _Corrupt(f"array of {count:,} elements cannot fit in the file")
+        if item == GGUFValueType.STRING:
+            return self.strings(count)
         return [self.value(item) for _ in range(count)]
+
+    def strings(self, count: int) -> list[str]:
+        """A string array (the 262k-token vocabulary) in one tight loop: ~0.15 s instead of ~0.5 s."""
+        buf, pos, size, out = self.buf, self.pos, len(self.buf), []
+        for _ in range(count):
+            if pos + 8 > size:
+                raise _Corrupt(f"truncated (needs byte {pos + 8:,}, file has {size:,})")
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            end = pos + 8 + n
+            if end > size:
+                raise _Corrupt(f"truncated (needs byte {end:,}, file has {size:,})")
+            out.append(buf[pos + 8 : end].decode("utf-8", errors="replace"))
+            pos = end
+        self.pos = pos
+        return out
 
     def value_type(self, code: int) -> GGUFValueType:
         try:
@@ -234,8 +251,14 @@ def _unreadable(path: Path, e: _Corrupt) -> GemmaforgeError:
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All metadata of a GGUF file (key -> Python value), without touching tensor data."""
-    return read_gguf_header(path)[0]
+    """All metadata of a GGUF file (key -> Python value), without the tensor table or data."""
+    path, buf = _open(path)
+    try:
+        return _parse(buf, with_tensors=False)[0]
+    except _Corrupt as e:
+        raise _unreadable(path, e) from None
+    finally:
+        buf.close()
 
 
 def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...]]]]:
