@@ -178,12 +178,19 @@ def bench_gemmaforge(model, s: BenchSettings, ppl_ids: list[int] | None, *, fast
                     mark()
         return go
 
+    ppl = (lambda: gemmaforge_perplexity(model, ppl_ids)) if ppl_ids is not None else None
+    return measure(prefill, generate(one), generate(many), ppl, s, device)
+
+
+def measure(prefill, generate_one, generate_many, perplexity, s: BenchSettings, device) -> dict:
+    """The same measurements for every backend: prefill tok/s, TTFT, decode at batch 1 and s.batch,
+    and (if ``perplexity`` is given) the perplexity on the fixed text."""
     result = {"prefill_tok_s": s.prompt_len / best_time(prefill, s.repeats, device)}
-    ttft, result["decode_tok_s_b1"] = decode_timing(generate(one), s, 1, device)
+    ttft, result["decode_tok_s_b1"] = decode_timing(generate_one, s, 1, device)
     result["ttft_ms"] = ttft * 1e3
-    _, result[f"decode_tok_s_b{s.batch}"] = decode_timing(generate(many), s, s.batch, device)
-    if ppl_ids is not None:
-        result["perplexity"] = gemmaforge_perplexity(model, ppl_ids)
+    _, result[f"decode_tok_s_b{s.batch}"] = decode_timing(generate_many, s, s.batch, device)
+    if perplexity is not None:
+        result["perplexity"] = perplexity()
     return result
 
 
@@ -240,13 +247,8 @@ def bench_hf(model, s: BenchSettings, ppl_ids: list[int] | None) -> dict:
                                streamer=Marker(mark))
         return go
 
-    result = {"prefill_tok_s": s.prompt_len / best_time(prefill, s.repeats, dev)}
-    ttft, result["decode_tok_s_b1"] = decode_timing(generate(one), s, 1, dev)
-    result["ttft_ms"] = ttft * 1e3
-    _, result[f"decode_tok_s_b{s.batch}"] = decode_timing(generate(many), s, s.batch, dev)
-    if ppl_ids is not None:
-        result["perplexity"] = hf_perplexity(model, ppl_ids)
-    return result
+    ppl = (lambda: hf_perplexity(model, ppl_ids)) if ppl_ids is not None else None
+    return measure(prefill, generate(one), generate(many), ppl, s, dev)
 
 
 def load_hf(directory, precision: str, device="cpu"):
