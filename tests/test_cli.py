@@ -53,14 +53,18 @@ def cmd(monkeypatch, capsys):
 
 
 # ---- generate -------------------------------------------------------------------------------------
-def test_generate_quant_int8_prints_what_the_quantized_library_generates(cmd, model_dir):
-    from gemmaforge.quant import quantize
+def test_generate_quant_int8_prints_what_the_quantized_library_generates(cmd, model_dir, monkeypatch):
+    import gemmaforge.quant as quant
 
     model, tok = load(model_dir), load_tokenizer(model_dir)
-    quantize(model, "int8")
+    quant.quantize(model, "int8")
     expected = gemmaforge.generate(model, tok, ["Hello there"], max_new_tokens=6)
+    calls = []
+    real = quant.quantize
+    monkeypatch.setattr(quant, "quantize", lambda m, mode, **kw: calls.append((mode, kw)) or real(m, mode, **kw))
     code, out, err = cmd("generate", "--model", model_dir, "Hello there", "--max-new-tokens", 6, "--quant", "int8")
     assert code == 0, err
+    assert calls == [("int8", {"head": "same"})]
     assert out == expected[0] + "\n"
 
 
