@@ -522,11 +522,10 @@ def format_table(report: dict, baseline: str = "hf:fp32") -> str:
 
 def write_json(report: dict, path) -> None:
     """Atomically: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    from .atomic import write_json as atomic_write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, report)
 
 
 def _child(payload: str) -> None:

@@ -121,10 +121,9 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the vocabulary as an HF ``tokenizer.json`` (atomically), e.g. next to a converted model."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        self._backend.save(str(tmp))
-        tmp.replace(path)
+        from .atomic import write_text
+
+        write_text(path, self._backend.to_str(pretty=True))
 
 
 class StreamDecoder:

@@ -8,13 +8,12 @@ read once, straight into the parameter it becomes.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import publish_dir
 from ..config import GemmaConfig, from_hf_config, to_hf_config
 from ..errors import GemmaforgeError
 
@@ -116,16 +115,10 @@ def read_tensors(directory: Path):
 
 def save_pretrained(model, directory, *, max_shard_bytes: int = 2 << 30) -> None:
     """config.json + model.safetensors (sharded with an index above ``max_shard_bytes``), atomically:
-    everything is written into a temporary sibling directory that replaces ``directory`` at the end."""
+    everything is written into a staging sibling directory that replaces ``directory`` at the end."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like a normal mkdir
-    try:
+    with publish_dir(directory) as tmp:
         tensors = {to_hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -151,19 +144,3 @@ def save_pretrained(model, directory, *, max_shard_bytes: int = 2 << 30) -> None
         hf = to_hf_config(model.config)
         hf["torch_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            _rmtree(old)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            _rmtree(tmp)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from ..atomic import publish_dir
 from ..errors import GemmaforgeError
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -142,10 +142,8 @@ def _write_hf(dst: Path, config, tensors, args, src: str) -> None:
     if args.dtype not in _TORCH_DTYPES:
         raise GemmaforgeError(f"--dtype {args.dtype} is a GGUF type: an HF directory takes f32, f16 or bf16")
     model = materialize(config, ((k, v, src) for k, v in tensors.items()), dtype=_TORCH_DTYPES[args.dtype])
-    # Everything goes into a hidden sibling that replaces dst at the end, so dst is never half-written.
-    tmp = dst.with_name(f".{dst.name}.convert.{os.getpid()}")
-    try:
-        _log(f"writing {dst}/ ({args.dtype})...")
+    _log(f"writing {dst}/ ({args.dtype})...")
+    with publish_dir(dst) as tmp:  # dst is never half-written
         model.save_pretrained(tmp)
         source_dir = Path(src) if Path(src).is_dir() and args.tokenizer is None else None
         if source_dir is not None:
@@ -156,13 +154,6 @@ def _write_hf(dst: Path, config, tensors, args, src: str) -> None:
             tok = load_tokenizer(args.tokenizer or src)
             tok.save(tmp / "tokenizer.json")
             (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok), indent=2))
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        elif dst.exists():
-            dst.unlink()
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tokenizer_config(tok) -> dict:

@@ -13,10 +13,8 @@ Resume picks the highest complete ``step-*`` directory.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..atomic import publish_dir
 from ..checkpoint.hf import read_tensors
 from ..config import GemmaConfig
 from ..errors import GemmaforgeError
@@ -84,24 +83,9 @@ def save_checkpoint(run_dir: str | Path, step: int, student: nn.Module, optimize
     root = _checkpoints(Path(run_dir))
     final = root / f"step-{step:06d}"
     if info.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint should look like a normal mkdir
-        try:
+        with publish_dir(final) as tmp:  # replaces a same-step checkpoint of an earlier attempt
             export_model(model_state, student.config, tmp / "model", tokenizer_file)
             torch.save({"trainer": trainer_state, "optimizer": optim_state}, tmp / "trainer.pt")
-            if final.exists():  # the same step saved by an earlier attempt: swap it out, then delete
-                old = root / f".{final.name}.old.{os.getpid()}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)

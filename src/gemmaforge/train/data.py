@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .. import atomic
 from ..errors import GemmaforgeError
 
 IGNORE = -100  # label value the losses skip
@@ -42,20 +43,6 @@ PARQUET_SUFFIXES = (".parquet",)
 
 
 # ---- small file helpers ------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def tokenizer_digest(tokenizer) -> str:
     """A fingerprint of the vocabulary: two tokenizers with the same digest give the same ids."""
     h = hashlib.sha256()
@@ -154,7 +141,7 @@ class ShardWriter:
                 continue
             name = f"{split}-{chunk:05d}.bin"
             tokens = np.concatenate(parts)
-            atomic_write_bytes(self.out / name, tokens.tobytes())
+            atomic.write_bytes(self.out / name, tokens.tobytes())
             info = self.state["splits"][split]
             info["files"].append(name)
             info["tokens"] += int(tokens.size)
@@ -164,7 +151,7 @@ class ShardWriter:
         self.buffers = {"train": [], "val": []}
         self.buffered_docs = {"train": 0, "val": 0}
         self.buffered_tokens = 0
-        atomic_write_json(self.out / "progress.json", self.state)
+        atomic.write_json(self.out / "progress.json", self.state)
 
 
 def _fingerprint(files: Sequence[Path], tok_digest: str, field: str, val_fraction: float, shard_tokens: int) -> str:
@@ -266,7 +253,7 @@ def prepare_data(inputs: Sequence[str | Path], out: str | Path, tokenizer_source
         "dtype": writer.dtype.str, "inputs": [str(f) for f in files], "field": field,
         "val_fraction": val_fraction, "documents": n_docs, "splits": splits,
     }
-    atomic_write_json(meta_path, meta)
+    atomic.write_json(meta_path, meta)
     progress_path.unlink(missing_ok=True)
     return meta
 
@@ -285,7 +272,7 @@ def write_token_dataset(out: str | Path, docs: dict[str, Sequence[Sequence[int]]
     meta = {"format": FORMAT, "fingerprint": "synthetic", "tokenizer": None, "tokenizer_sha256": tokenizer_sha256,
             "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": 1, "pad_id": 0,
             "dtype": writer.dtype.str, "splits": writer.state["splits"]}
-    atomic_write_json(out / "meta.json", meta)
+    atomic.write_json(out / "meta.json", meta)
     return meta
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import atomic
 from ..errors import GemmaforgeError
 from .config import TrainConfig
-from .data import PackedWindows, TokenStream, atomic_write_json, prepare_out_dir, read_meta
+from .data import PackedWindows, TokenStream, prepare_out_dir, read_meta
 
 CACHE_FORMAT = "gemmaforge-teacher-cache-v1"
 
@@ -106,10 +107,10 @@ def build_teacher_cache(cfg: TrainConfig, *, batch: int = 4, progress: bool = Tr
                 z_mm[w] = vals.cpu().numpy()
             ids_mm.flush()
             z_mm.flush()
-            atomic_write_json(progress_path, {"identity": identity, "done": stop})
+            atomic.write_json(progress_path, {"identity": identity, "done": stop})
             bar.update(stop - start)
     bar.close()
-    atomic_write_json(out / "meta.json", identity)
+    atomic.write_json(out / "meta.json", identity)
     progress_path.unlink(missing_ok=True)
     return out
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from .config import load_config
-from .data import PackedWindows, TokenStream, atomic_write_json, prepare_data, write_token_dataset
+from .data import PackedWindows, TokenStream, prepare_data, write_token_dataset
 from .loop import Objective, train
 
 
@@ -58,9 +59,7 @@ def teacher_samples(out: Path, teacher, tokenizer, prompts: list[str], max_new_t
         completions = generate(teacher, tokenizer, batch, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens,
                                seed=seed + i)
         texts.extend(p + c for p, c in zip(batch, completions))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tmp.replace(path)
+    atomic.write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
     print(f"teacher samples: {len(texts)} in {time.time() - t0:.0f}s")
     return path
 
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = args.steps * args.batch_size * args.seq_len
     summary = {"args": vars(args), "training_tokens_each": tokens, "corpus_tokens": data["splits"],
                "heldout": results, "total_seconds": round(time.time() - t_start)}
-    atomic_write_json(out / "results.json", summary)
+    atomic.write_json(out / "results.json", summary)
     plot(runs, Path(args.plot))
 
     print(f"\n| model | held-out loss (nats/token) | held-out perplexity |\n|---|---|---|")

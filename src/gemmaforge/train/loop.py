@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import atomic
 from ..errors import GemmaforgeError
 from ..model import Gemma
 from .checkpointing import clean_partial, export_model, full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import IGNORE, PackedWindows, TokenStream, atomic_write_bytes, prepare_out_dir, read_meta
+from .data import IGNORE, PackedWindows, TokenStream, prepare_out_dir, read_meta
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup, full_tensor, setup, shard
 from .losses import _Buffers, head_loss, select_rows
 from .optim import lr_at, make_optimizer, set_lr
@@ -158,7 +159,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():  # drop what the killed run logged after its checkpoint
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
-            atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+            atomic.write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
         if tensorboard:
@@ -252,7 +253,7 @@ def _train(cfg: TrainConfig, info: DistInfo, distill: bool) -> dict:
             print(f"gemmaforge: resuming from {ckpt}", flush=True)
     log = MetricsLog(out, resumed, info.is_main, cfg.tensorboard)
     if info.is_main:
-        atomic_write_bytes(out / "config.yaml", _yaml(cfg).encode())
+        atomic.write_bytes(out / "config.yaml", _yaml(cfg).encode())
 
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else nullcontext
     sync = getattr(objective, "set_requires_gradient_sync", None)
