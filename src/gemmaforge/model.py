@@ -80,7 +80,8 @@ class Attention(nn.Module):
             return self.fused_qkv(x).split([c.num_heads * c.head_dim] + [c.num_kv_heads * c.head_dim] * 2, -1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x, rope, mask: Mask, cache: KVCache | None, step: CacheStep | None, impl):
+    def qkv(self, x, rope):
+        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, Hkv, T, D], QK-normed and rotated."""
         b, t, _ = x.shape
         c = self.c
         q, k, v = self.project_qkv(x)
@@ -90,11 +91,19 @@ class Attention(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, y):
+        """y [B, H, T, D] -> [B, T, hidden]."""
+        b, _, t, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.c.num_heads * self.c.head_dim))
+
+    def forward(self, x, rope, mask: Mask, cache: KVCache | None, step: CacheStep | None, impl):
+        q, k, v = self.qkv(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, step)
-        y = attention(q, k, v, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap, impl=impl)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
+        c = self.c
+        return self.out(attention(q, k, v, mask, scale=c.attn_scale, softcap=c.attn_logit_softcap, impl=impl))
 
 
 class Embedding(nn.Embedding):
@@ -117,6 +126,9 @@ class Block(nn.Module):
 
     def forward(self, h, rope, mask, cache=None, step=None, impl=None):
         h = h + self.post_attn_norm(self.attn(self.attn_norm(h), rope, mask, cache, step, impl))
+        return self.mlp_residual(h)
+
+    def mlp_residual(self, h):
         return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
 
 

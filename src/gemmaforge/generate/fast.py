@@ -31,7 +31,7 @@ import torch
 
 from ..kv_cache import KVCache
 from ..model import Gemma
-from ..rope import apply_rope, rope_cos_sin
+from ..rope import rope_cos_sin
 
 _NEG = torch.finfo(torch.float32).min  # as attention._NEG: finite, so softmax never sees -inf - -inf
 
@@ -74,7 +74,6 @@ def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cac
     ``col`` to the caller (``FastForward.__call__``), so the function has no host-side state.
     """
     c = model.config
-    b = tokens.shape[0]
     h = model.embed(tokens) * (normalizer if normalizer is not None else embed_normalizer(model))
     rope = {True: rope_cos_sin(positions, model.inv_freq_local, h.dtype),
             False: rope_cos_sin(positions, model.inv_freq_global, h.dtype)}
@@ -87,17 +86,9 @@ def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cac
     global_pos = cache.global_pos if kv_len is None else cache.global_pos[:, :kv_len]
     ring_pos = cache.ring_pos if ring_len is None else cache.ring_pos[:, :ring_len]
     bias = {True: _bias(positions, ring_pos, c.sliding_window), False: _bias(positions, global_pos, None)}
-    heads, kv_heads, hd = c.num_heads, c.num_kv_heads, c.head_dim
     for i, block in enumerate(model.layers):
         local = c.is_local(i)
-        attn = block.attn
-        q, k, v = attn.project_qkv(block.attn_norm(h))
-        # [B, 1, H*D] -> [B, H, 1, D] is a free view because T == 1.
-        q, k, v = q.view(b, heads, 1, hd), k.view(b, kv_heads, 1, hd), v.view(b, kv_heads, 1, hd)
-        if c.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = rope[local]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = block.attn.qkv(block.attn_norm(h), rope[local])
         ck, cv = cache.k[i], cache.v[i]
         slot = ring_col if local else col
         ck.index_copy_(2, slot, k)
@@ -106,8 +97,7 @@ def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cac
         if n is not None:
             ck, cv = ck[:, :, :n], cv[:, :, :n]
         y = _attend(q, ck, cv, bias[local], c.attn_scale, c.attn_logit_softcap)
-        h = h + block.post_attn_norm(attn.o_proj(y.view(b, 1, heads * hd)))
-        h = h + block.post_mlp_norm(block.mlp(block.pre_mlp_norm(h)))
+        h = block.mlp_residual(h + block.post_attn_norm(block.attn.out(y)))
     return model.logits(model.final_norm(h)[:, 0]).float()
 
 
