@@ -68,6 +68,17 @@ def test_generate_quant_int8_prints_what_the_quantized_library_generates(cmd, mo
     assert out == expected[0] + "\n"
 
 
+@pytest.mark.parametrize("flag, expected", [("auto", None), ("on", True), ("off", False)])
+def test_generate_compile_flag_reaches_the_engine(cmd, model_dir, monkeypatch, flag, expected):
+    from gemmaforge.generate import engine
+
+    seen, real = [], engine.FastForward
+    monkeypatch.setattr(engine, "FastForward", lambda m, compile: seen.append(compile) or real(m, compile=False))
+    code, out, err = cmd("generate", "--model", model_dir, "Hello there", "--max-new-tokens", 2, "--compile", flag)
+    assert code == 0, err
+    assert seen == [expected]
+
+
 def test_generate_prints_what_the_library_generates(cmd, model_dir, lib):
     code, out, err = cmd("generate", "--model", model_dir, "Hello there", "Once upon a time", "--max-new-tokens", 6)
     assert code == 0, err

@@ -100,12 +100,15 @@ def test_int4_kernel_matches_dequantized_matmul(shape):
     assert rel_err(lin(x), F.linear(x, w)) < 0.15  # 4 bits: a coarse but bounded approximation
 
 
-def test_int4_fallback_without_kernel_is_exact_dequantized_matmul():
+def test_int4_fallback_without_kernel_is_exact_dequantized_matmul(monkeypatch):
+    import gemmaforge.quant as quant
+
     w = weights()
     lin = Int4Linear(w, 32)
-    fallback = copy.deepcopy(lin)
-    fallback.kernel = False
-    fallback.register_buffer("codes", pack_nibbles(quantize_int4(w, 32)[0]))
+    assert lin.kernel and lin.codes is None
+    monkeypatch.setattr(quant, "_int4_kernel_ok", lambda *a: False)  # another device, say
+    fallback = Int4Linear(w, 32)
+    assert not fallback.kernel and torch.equal(fallback.codes, pack_nibbles(quantize_int4(w, 32)[0]))
     x = torch.randn(4, 128)
     torch.testing.assert_close(fallback(x), F.linear(x, fallback.dequantize()))
     assert rel_err(fallback(x), lin(x)) < 1e-2

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .generate import add_model_arguments, add_sampling_arguments, load_model_and_tokenizer, sampling_params
+from .generate import (add_model_arguments, add_sampling_arguments, load_model_and_tokenizer, make_engine,
+                       sampling_params)
 
 HELP = "/reset forgets the conversation, /exit quits"
 
@@ -43,11 +44,11 @@ def fit_history(history: list[dict], count_tokens, budget: int) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from ..chat import encode_chat
-    from ..generate import Engine, stream
+    from ..generate import stream
 
     params = sampling_params(args)
     model, tokenizer = load_model_and_tokenizer(args)
-    engine = Engine(model)
+    engine = make_engine(model, args)
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     # Room for the reply: the prompt may use what max_new_tokens leaves of the context.

@@ -33,12 +33,13 @@ FINISHED = -1  # what a step yields for a row that has already stopped
 
 class Engine:
     def __init__(self, model: Gemma, *, prefill_chunk: int = 512, sync_every: int | None = None,
-                 fast: bool = True):
+                 fast: bool = True, compile: bool | None = None):
         self.model = model.eval()
         self.prefill_chunk = prefill_chunk
-        # The fast path (fast.py: lean decode step; torch.compile + CUDA graphs on CUDA) is the
-        # default; fast=False keeps the plain model forward, the reference the tests compare to.
-        self.fast = FastForward(self.model) if fast else None
+        # The fast path (fast.py: lean decode step, compiled on CUDA and for quantized CPU models;
+        # ``compile`` overrides that) is the default; fast=False keeps the plain model forward, the
+        # reference the tests compare to.
+        self.fast = FastForward(self.model, compile=compile) if fast else None
         # On CPU asking "all finished?" costs nothing; on a GPU it stalls the queue of launched work.
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else 8)
 

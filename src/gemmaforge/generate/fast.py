@@ -8,14 +8,23 @@ the bookkeeping cut to the minimum:
 
 - the cache write column is a device tensor, advanced on the device: no host sync, no new tensors;
 - the mask is an additive bias built once per step per layer type from the stored slot positions;
-- shapes never change between steps (``kv_len=None``: attend over all global slots, unwritten
-  ones have position -1 and are masked), which is what ``torch.compile`` and CUDA graphs need.
+- with ``kv_len=None`` shapes never change between steps (attend over all global slots, unwritten
+  ones have position -1 and are masked), which is what CUDA graphs need; otherwise ``kv_len``
+  limits attention to the written slots.
 
-On CUDA, ``FastForward`` compiles the step with ``mode="reduce-overhead"`` (inductor fuses the
-element-wise ops, CUDA graphs remove the per-kernel launch cost; REFERENCE.md section 9: HF's eager
-decode is launch-bound at 29.6 tok/s against a ~500 tok/s bandwidth floor). On CPU the step runs
-eagerly (compiling the whole step was slower on the 270M model, docs/benchmarks.md) and attends over
-the written slots only (``kv_len``); the quantized matmuls bring their own compiled kernels (quant.py).
+When the step is compiled (``FastForward``):
+
+- CUDA, always, with ``mode="reduce-overhead"`` and ``kv_len=None``: inductor fuses the element-wise
+  ops and CUDA graphs remove the per-kernel launch cost (REFERENCE.md section 9: HF's eager decode
+  is launch-bound at 29.6 tok/s against a ~500 tok/s bandwidth floor).
+- CPU, for quantized models: inductor turns the whole step (GEMVs included, quant.py) into a few
+  C++ functions, so the ~60 eager ops per layer stop costing a dispatch each. That is what lets
+  int8 and int4 decode beat llama.cpp (docs/benchmarks.md). Sizes are symbolic (``kv_len``, cache
+  length, batch), so one compilation serves every prompt and chat turn. A float32 step is bound by
+  reading its 1 GB of weights and compiling it gained nothing measurable (10.0 vs 9.5 tok/s), so
+  it stays eager.
+
+Compiling costs 30-60 s the first time on 2 cores and ~5 s once inductor's on-disk cache has it.
 
 Prefill (more than one new column) goes through ``Gemma.hidden_states``, whose attention dispatch
 already picks FlexAttention on CUDA and chunked attention for long CPU prompts (no T x T scores),
@@ -26,6 +35,8 @@ The soft-caps are always applied: attention's by ``_attend`` (or flex's score_mo
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -80,9 +91,10 @@ def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cac
     ring_col = col % cache.window
     cache.global_pos.index_copy_(1, col, positions)
     cache.ring_pos.index_copy_(1, ring_col, positions)
-    # kv_len (eager only): attend over the written slots only. The ring fills slot = column % W, so
-    # before it wraps the written slots are a prefix too.
-    ring_len = None if kv_len is None or kv_len >= cache.window else kv_len
+    # kv_len: attend over the written slots only. The ring fills slot = column % W, so before it
+    # wraps the written slots are a prefix too. sym_min, not a branch: compiled on CPU, kv_len is a
+    # symbolic int, and a branch would recompile the step when the context outgrows the window.
+    ring_len = None if kv_len is None else torch.sym_min(kv_len, cache.window)
     global_pos = cache.global_pos if kv_len is None else cache.global_pos[:, :kv_len]
     ring_pos = cache.ring_pos if ring_len is None else cache.ring_pos[:, :ring_len]
     bias = {True: _bias(positions, ring_pos, c.sliding_window), False: _bias(positions, global_pos, None)}
@@ -106,27 +118,51 @@ class FastForward:
     ``Engine._forward``. Decode columns take ``decode_step`` (compiled + CUDA graphs on CUDA),
     prefill chunks ``Gemma.hidden_states``.
 
-    ``compile``: None = on CUDA only. A compiled step needs its caches at fixed addresses (CUDA
-    graphs replay recorded pointers), so caches are marked static the first time they are seen;
-    each new cache shape costs one compilation (``new_cache`` rounds lengths up to limit that).
+    ``compile``: None = on CUDA, and on CPU for a quantized model (module docstring); ``mode``: None =
+    "reduce-overhead" on CUDA (CUDA graphs), "default" elsewhere. With CUDA graphs the caches must
+    stay at fixed addresses (graphs replay recorded pointers): caches are marked static the first
+    time they are seen, and each new cache shape costs one compilation (``new_cache`` rounds lengths
+    up and reuses caches to limit that). On CPU the cache length is dynamic instead.
     """
 
-    def __init__(self, model: Gemma, *, compile: bool | None = None, mode: str = "reduce-overhead"):
+    def __init__(self, model: Gemma, *, compile: bool | None = None, mode: str | None = None):
         self.model = model.eval()
         device = model.final_norm.weight.device
-        self.compile = device.type == "cuda" if compile is None else compile
+        if compile is None:
+            compile = device.type == "cuda" or bool(getattr(model, "quantization", None))
+        mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
+        self.compile = compile
+        self.graphs = compile and mode in ("reduce-overhead", "max-autotune")  # the CUDA-graph modes
         self.normalizer = embed_normalizer(model)
         self._step = decode_step
-        if self.compile:
-            self._step = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+        if compile:
+            # Without CUDA graphs, sizes are symbolic (kv_len, the cache length, the batch): one
+            # compilation serves a whole chat. Weights keep static shapes (inductor's default).
+            self._step = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=not self.graphs)
+        self._compiled = False  # a compiled step has run (after that, errors are not compile errors)
         self._cols: dict[int, tuple[KVCache, torch.Tensor, int]] = {}
         self._pool: dict[tuple[int, int], KVCache] = {}
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A cache for one generation. Compiled: lengths rounded up to 256 and caches reused per
-        shape (a new tensor would mean a new graph), so one FastForward serves one generation at a time."""
+        """A cache for one generation.
+
+        CUDA graphs: lengths rounded up to 256 and caches reused per shape (a new tensor would mean
+        a new graph), so one FastForward serves one generation at a time. Compiled without graphs:
+        at least a window long, so that the local layers' rings always hold ``sliding_window`` slots
+        and only the global length varies (a dynamic dimension: no recompilation per length)."""
         if not self.compile:
             return self.model.new_cache(batch_size, max_len)
+        c = self.model.config
+        if not self.graphs:
+            cache = self.model.new_cache(batch_size, min(max(max_len, c.sliding_window), c.max_position_embeddings))
+            # The ring length is the constant window. Marked static, or dynamo's "duck sizing"
+            # would tie it to a global length that happens to be equal, and recompile later.
+            for i in range(c.num_layers):
+                if c.is_local(i):
+                    torch._dynamo.mark_static(cache.k[i], 2)
+                    torch._dynamo.mark_static(cache.v[i], 2)
+            torch._dynamo.mark_static(cache.ring_pos, 1)
+            return cache
         max_len = min(-(-max_len // 256) * 256, self.model.config.max_position_embeddings)
         cache = self._pool.get((batch_size, max_len))
         if cache is None:
@@ -138,7 +174,7 @@ class FastForward:
         """The device-side copy of ``cache.length``; re-read from the host only after a prefill."""
         entry = self._cols.get(id(cache))
         if entry is None or entry[0] is not cache:
-            if self.compile:
+            if self.graphs:
                 for t in [*cache.k, *cache.v, cache.global_pos, cache.ring_pos]:
                     torch._dynamo.mark_static_address(t)
             entry = (cache, torch.tensor([cache.length], device=cache.global_pos.device), cache.length)
@@ -156,9 +192,18 @@ class FastForward:
         if cache.length + 1 > cache.max_len:
             raise ValueError(f"KV cache full: {cache.length} + 1 tokens > max_len {cache.max_len}")
         col = self._column(cache)
-        kv_len = None if self.compile else cache.length + 1
-        logits = self._step(self.model, tokens, positions, cache, col, kv_len, self.normalizer)
-        if self.compile:
+        try:
+            logits = self._step(self.model, tokens, positions, cache, col,
+                                None if self.graphs else cache.length + 1, self.normalizer)
+        except Exception as e:  # noqa: BLE001 - a missing C++ compiler surfaces as whatever inductor raises
+            if not self.compile or self._compiled or self.graphs:
+                raise
+            warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "running it eagerly")
+            self.compile, self._step = False, decode_step
+            logits = decode_step(self.model, tokens, positions, cache, col, cache.length + 1, self.normalizer)
+        self._compiled = self.compile
+        if self.graphs:
             logits = logits.clone()  # CUDA graph outputs are overwritten by the next replay
         col.add_(1)
         cache.length += 1
