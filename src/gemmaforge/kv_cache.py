@@ -34,18 +34,22 @@ class CacheStep:
 
 
 class KVCache:
-    def __init__(self, config: GemmaConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32):
+    def __init__(self, config: GemmaConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32,
+                 spare: int = 0):
+        """``spare`` slots per buffer are allocated but never written (position -1: masked wherever
+        attended). The compiled CPU decode step (generate/fast.py) asks for one, so that a slice of
+        the written slots is never the whole buffer, which would be a recompilation."""
         self.config, self.batch_size, self.max_len = config, batch_size, max_len
         self.window = min(config.sliding_window, max_len)
         kv, hd = config.num_kv_heads, config.head_dim
         self.k, self.v = [], []
         for i in range(config.num_layers):
-            slots = self.window if config.is_local(i) else max_len
+            slots = (self.window if config.is_local(i) else max_len) + spare
             self.k.append(torch.zeros(batch_size, kv, slots, hd, device=device, dtype=dtype))
             self.v.append(torch.zeros(batch_size, kv, slots, hd, device=device, dtype=dtype))
         # Slot positions are the same for every layer of one type: stored once per type.
-        self.global_pos = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
-        self.ring_pos = torch.full((batch_size, self.window), -1, dtype=torch.long, device=device)
+        self.global_pos = torch.full((batch_size, max_len + spare), -1, dtype=torch.long, device=device)
+        self.ring_pos = torch.full((batch_size, self.window + spare), -1, dtype=torch.long, device=device)
         self.length = 0
 
     def reset(self) -> None:

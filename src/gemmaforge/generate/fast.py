@@ -8,18 +8,18 @@ the bookkeeping cut to the minimum:
 
 - the cache write column is a device tensor, advanced on the device: no host sync, no new tensors;
 - the mask is an additive bias built once per step per layer type from the stored slot positions;
-- with ``kv_len=None`` shapes never change between steps (attend over all global slots, unwritten
-  ones have position -1 and are masked), which is what CUDA graphs need; otherwise ``kv_len``
-  limits attention to the written slots.
+- with ``kv_lens=None`` shapes never change between steps (attend over all slots, unwritten ones
+  have position -1 and are masked), which is what CUDA graphs need; otherwise ``kv_lens`` limits
+  attention to the written slots.
 
 When the step is compiled (``FastForward``):
 
-- CUDA, always, with ``mode="reduce-overhead"`` and ``kv_len=None``: inductor fuses the element-wise
+- CUDA, always, with ``mode="reduce-overhead"`` and ``kv_lens=None``: inductor fuses the element-wise
   ops and CUDA graphs remove the per-kernel launch cost (REFERENCE.md section 9: HF's eager decode
   is launch-bound at 29.6 tok/s against a ~500 tok/s bandwidth floor).
 - CPU, for quantized models: inductor turns the whole step (GEMVs included, quant.py) into a few
   C++ functions, so the ~60 eager ops per layer stop costing a dispatch each. That is what lets
-  int8 and int4 decode beat llama.cpp (docs/benchmarks.md). Sizes are symbolic (``kv_len``, cache
+  int8 and int4 decode beat llama.cpp (docs/benchmarks.md). Sizes are symbolic (``kv_lens``, cache
   length, batch), so one compilation serves every prompt and chat turn. A float32 step is bound by
   reading its 1 GB of weights and compiling it gained nothing measurable (10.0 vs 9.5 tok/s), so
   it stays eager.
@@ -59,16 +59,25 @@ def _bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch
     return torch.where(ok, 0.0, _NEG)[:, None, None, :]
 
 
-def _attend(q, k, v, bias, scale: float, cap: float | None) -> torch.Tensor:
-    """One query per row: q [B, H, 1, D], k/v [B, Hkv, S, D] -> [B, H, 1, D]; the eager math of
-    attention.eager_attention (soft-cap before the mask, softmax in float32)."""
+def _attend(q, k, v, bias, scale: float, cap: float | None, n: int | None = None) -> torch.Tensor:
+    """One query per row: q [B, H, 1, D], cache k/v [B, Hkv, S, D], attending over the first ``n``
+    slots (all if None; ``bias`` [B, 1, 1, n]) -> [B, H, 1, D]. The eager math of
+    attention.eager_attention: soft-cap before the mask, softmax in float32.
+
+    Written with bmm over a flattened, then sliced cache, not matmul over a sliced one: compiled,
+    ``n`` is symbolic, and matmul's decomposition and reshape's contiguity check compare it with the
+    cache's sizes. Each such comparison is a guard, i.e. a recompilation at some context length."""
     b, h, _, d = q.shape
     n_kv = k.shape[1]
-    scores = torch.matmul(q.reshape(b, n_kv, h // n_kv, d), k.transpose(-1, -2)).float() * scale
+    g = h // n_kv
+    k3, v3 = k.view(b * n_kv, -1, d), v.view(b * n_kv, -1, d)
+    if n is not None:
+        k3, v3 = k3[:, :n], v3[:, :n]
+    scores = torch.bmm(q.reshape(b * n_kv, g, d), k3.transpose(1, 2)).float().view(b, n_kv, g, -1) * scale
     if cap is not None:
         scores = torch.tanh(scores / cap) * cap
     probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, h, 1, d)
+    return torch.bmm(probs.view(b * n_kv, g, -1), v3).reshape(b, h, 1, d)
 
 
 def embed_normalizer(model: Gemma) -> float:
@@ -78,7 +87,8 @@ def embed_normalizer(model: Gemma) -> float:
 
 
 def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                col: torch.Tensor, kv_len: int | None = None, normalizer: float | None = None) -> torch.Tensor:
+                col: torch.Tensor, kv_lens: tuple[int, int] | None = None,
+                normalizer: float | None = None) -> torch.Tensor:
     """tokens, positions [B, 1]; ``col`` [1] long: the cache column to write -> float32 logits [B, V].
 
     Writes this step's keys, values and positions into ``cache`` but leaves ``cache.length`` and
@@ -91,10 +101,11 @@ def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cac
     ring_col = col % cache.window
     cache.global_pos.index_copy_(1, col, positions)
     cache.ring_pos.index_copy_(1, ring_col, positions)
-    # kv_len: attend over the written slots only. The ring fills slot = column % W, so before it
-    # wraps the written slots are a prefix too. sym_min, not a branch: compiled on CPU, kv_len is a
-    # symbolic int, and a branch would recompile the step when the context outgrows the window.
-    ring_len = None if kv_len is None else torch.sym_min(kv_len, cache.window)
+    # kv_lens = (global, ring) written slots: attend over those only. The ring fills slot =
+    # column % W, so before it wraps its written slots are a prefix too. The caller passes the ring's
+    # length rather than this function taking a min(): compiled, the lengths are symbolic ints, and
+    # a min() would guard on which side is smaller and recompile when the context outgrows the window.
+    kv_len, ring_len = (None, None) if kv_lens is None else kv_lens
     global_pos = cache.global_pos if kv_len is None else cache.global_pos[:, :kv_len]
     ring_pos = cache.ring_pos if ring_len is None else cache.ring_pos[:, :ring_len]
     bias = {True: _bias(positions, ring_pos, c.sliding_window), False: _bias(positions, global_pos, None)}
@@ -105,10 +116,7 @@ def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cac
         slot = ring_col if local else col
         ck.index_copy_(2, slot, k)
         cv.index_copy_(2, slot, v)
-        n = ring_len if local else kv_len
-        if n is not None:
-            ck, cv = ck[:, :, :n], cv[:, :, :n]
-        y = _attend(q, ck, cv, bias[local], c.attn_scale, c.attn_logit_softcap)
+        y = _attend(q, ck, cv, bias[local], c.attn_scale, c.attn_logit_softcap, ring_len if local else kv_len)
         h = block.mlp_residual(h + block.post_attn_norm(block.attn.out(y)))
     return model.logits(model.final_norm(h)[:, 0]).float()
 
@@ -154,7 +162,9 @@ class FastForward:
             return self.model.new_cache(batch_size, max_len)
         c = self.model.config
         if not self.graphs:
-            cache = self.model.new_cache(batch_size, min(max(max_len, c.sliding_window), c.max_position_embeddings))
+            p = self.model.final_norm.weight
+            cache = KVCache(c, batch_size, min(max(max_len, c.sliding_window), c.max_position_embeddings),
+                            device=p.device, dtype=p.dtype, spare=1)
             # The ring length is the constant window. Marked static, or dynamo's "duck sizing"
             # would tie it to a global length that happens to be equal, and recompile later.
             for i in range(c.num_layers):
@@ -192,16 +202,20 @@ class FastForward:
         if cache.length + 1 > cache.max_len:
             raise ValueError(f"KV cache full: {cache.length} + 1 tokens > max_len {cache.max_len}")
         col = self._column(cache)
+        n = cache.length + 1
+        kv_lens = None if self.graphs else (n, min(n, cache.window))
         try:
-            logits = self._step(self.model, tokens, positions, cache, col,
-                                None if self.graphs else cache.length + 1, self.normalizer)
+            # No duck sizing: it would give two lengths that happen to be equal on the first call
+            # (global and ring, before the ring fills) one symbol, and recompile once they differ.
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                logits = self._step(self.model, tokens, positions, cache, col, kv_lens, self.normalizer)
         except Exception as e:  # noqa: BLE001 - a missing C++ compiler surfaces as whatever inductor raises
             if not self.compile or self._compiled or self.graphs:
                 raise
             warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); "
                           "running it eagerly")
             self.compile, self._step = False, decode_step
-            logits = decode_step(self.model, tokens, positions, cache, col, cache.length + 1, self.normalizer)
+            logits = decode_step(self.model, tokens, positions, cache, col, kv_lens, self.normalizer)
         self._compiled = self.compile
         if self.graphs:
             logits = logits.clone()  # CUDA graph outputs are overwritten by the next replay
