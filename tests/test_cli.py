@@ -68,8 +68,12 @@ def test_generate_quant_int8_prints_what_the_quantized_library_generates(cmd, mo
     assert out == expected[0] + "\n"
 
 
-@pytest.mark.parametrize("flag, expected", [("auto", None), ("on", True), ("off", False)])
+@pytest.mark.parametrize("flag, expected", [("auto", False), ("on", True), ("off", False)])
 def test_generate_compile_flag_reaches_the_engine(cmd, model_dir, monkeypatch, flag, expected):
+    """auto: a 2-token CPU run does not pay for compiling; a long one leaves it to the Engine (None)."""
+    import argparse
+
+    from gemmaforge.commands.generate import COMPILE_PAYS_OFF_TOKENS, make_engine
     from gemmaforge.generate import engine
 
     seen, real = [], engine.FastForward
@@ -77,6 +81,9 @@ def test_generate_compile_flag_reaches_the_engine(cmd, model_dir, monkeypatch, f
     code, out, err = cmd("generate", "--model", model_dir, "Hello there", "--max-new-tokens", 2, "--compile", flag)
     assert code == 0, err
     assert seen == [expected]
+    if flag == "auto":
+        make_engine(load(model_dir), argparse.Namespace(compile="auto"), new_tokens=COMPILE_PAYS_OFF_TOKENS)
+        assert seen[-1] is None
 
 
 def test_generate_prints_what_the_library_generates(cmd, model_dir, lib):

@@ -24,7 +24,8 @@ When the step is compiled (``FastForward``):
   reading its 1 GB of weights and compiling it gained nothing measurable (10.0 vs 9.5 tok/s), so
   it stays eager.
 
-Compiling costs 30-60 s the first time on 2 cores and ~5 s once inductor's on-disk cache has it.
+Compiling costs 30-60 s the first time on 2 cores and ~14 s once inductor's on-disk cache has the
+kernels (dynamo still traces every layer), so the CLI compiles only long runs (commands/generate.py).
 
 Prefill (more than one new column) goes through ``Gemma.hidden_states``, whose attention dispatch
 already picks FlexAttention on CUDA and chunked attention for long CPU prompts (no T x T scores),
