@@ -30,6 +30,18 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(scope="session")
+def embedded_gguf():
+    """Path of the embedded Gemma 3 270M GGUF (PyPI package); tests that need it skip without it."""
+    from gemmaforge.default_model import default_model_path
+    from gemmaforge.errors import GemmaforgeError
+
+    try:
+        return default_model_path()
+    except GemmaforgeError as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture(params=list(CONFIGS))
 def config(request):
     return CONFIGS[request.param]

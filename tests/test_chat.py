@@ -97,13 +97,10 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(embedded_gguf):
     from gemmaforge.tokenizer import load_tokenizer
 
-    try:
-        return load_tokenizer()
-    except GemmaforgeError as e:
-        pytest.skip(str(e))
+    return load_tokenizer(embedded_gguf)
 
 
 def test_the_documented_layout():

@@ -21,13 +21,8 @@ CONFIG = preset("tiny-gemma3").replace(vocab_size=262144, query_pre_attn_scalar=
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from gemmaforge.default_model import default_model_path
-
-    try:
-        tok = load_tokenizer(default_model_path())
-    except gemmaforge.GemmaforgeError as e:
-        pytest.skip(str(e))
+def model_dir(tmp_path_factory, embedded_gguf):
+    tok = load_tokenizer(embedded_gguf)
     d = tmp_path_factory.mktemp("tiny") / "model"
     randomize(gemmaforge.Gemma(CONFIG), seed=1).save_pretrained(d)
     tok.save(d / "tokenizer.json")

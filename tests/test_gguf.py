@@ -305,13 +305,8 @@ def test_writer_uses_llama_cpp_keys(tmp_path):
 
 # ---- the embedded Gemma 3 270M Q4_K_M file -------------------------------------------------------------
 @pytest.fixture(scope="module")
-def real_path():
-    from gemmaforge.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except GemmaforgeError as e:
-        pytest.skip(str(e))
+def real_path(embedded_gguf):
+    return embedded_gguf
 
 
 @pytest.fixture(scope="module")

@@ -177,18 +177,15 @@ def test_quantize_fuses_projections_and_rejects_misuse():
         quantize(model, "int4")
 
 
-def test_embedded_model_int8_keeps_its_predictions():
+def test_embedded_model_int8_keeps_its_predictions(embedded_gguf):
     """The real 270M model on the fixed benchmark text: int8 keeps the next-token distributions
     (mean KL, top-1 agreement). Perplexities for every precision are in docs/benchmarks.md."""
     import gemmaforge
     from gemmaforge.benchmark import fixed_text
     from gemmaforge.tokenizer import load_tokenizer
 
-    try:
-        model = gemmaforge.load(None)
-    except GemmaforgeError as e:
-        pytest.skip(str(e))
-    tokens = torch.tensor([load_tokenizer(None).encode(fixed_text(300))])
+    model = gemmaforge.load(embedded_gguf)
+    tokens = torch.tensor([load_tokenizer(embedded_gguf).encode(fixed_text(300))])
     with torch.no_grad():
         ref = torch.log_softmax(model(tokens), -1)
         out = torch.log_softmax(quantize(model, "int8")(tokens), -1)

@@ -34,13 +34,8 @@ NEW_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
-def path():
-    from gemmaforge.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except gemmaforge.GemmaforgeError as e:
-        pytest.skip(str(e))
+def path(embedded_gguf):
+    return embedded_gguf
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    from gemmaforge.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except GemmaforgeError as e:
-        pytest.skip(str(e))
+def gguf_path(embedded_gguf) -> Path:
+    return embedded_gguf
 
 
 @pytest.fixture(scope="module")

@@ -68,23 +68,22 @@ _LAYER_NAMES_BACK = {v: k for k, v in LAYER_NAMES.items()}
 _GLOBAL_NAMES_BACK = {v: k for k, v in GLOBAL_NAMES.items()}
 
 
+def _rename(name: str, globals_: dict, layers: dict, prefix: str, new_prefix: str) -> str | None:
+    if name in globals_:
+        return globals_[name]
+    m = re.fullmatch(rf"{prefix}\.(\d+)\.(.+)", name)
+    if m and m.group(2) in layers:
+        return f"{new_prefix}.{m.group(1)}.{layers[m.group(2)]}"
+    return None
+
+
 def gguf_to_internal(name: str) -> str | None:
     """``blk.3.ffn_norm.weight`` -> ``layers.3.pre_mlp_norm.weight``; None for a name not in the map."""
-    if name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
-    return None
+    return _rename(name, GLOBAL_NAMES, LAYER_NAMES, "blk", "layers")
 
 
 def internal_to_gguf(name: str) -> str | None:
-    if name in _GLOBAL_NAMES_BACK:
-        return _GLOBAL_NAMES_BACK[name]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if m and m.group(2) in _LAYER_NAMES_BACK:
-        return f"blk.{m.group(1)}.{_LAYER_NAMES_BACK[m.group(2)]}"
-    return None
+    return _rename(name, _GLOBAL_NAMES_BACK, _LAYER_NAMES_BACK, "layers", "blk")
 
 
 def is_norm(internal_name: str) -> bool:
