@@ -193,10 +193,10 @@ class Gemma(nn.Module):
         return self.logits(self.hidden_states(tokens, positions, cache, attn_impl=attn_impl))
 
     # ---- conveniences ------------------------------------------------------------------------
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, spare: int = 0) -> KVCache:
         p = self.final_norm.weight  # not embed.weight: a quantized table has none
         max_len = max_len or self.config.max_position_embeddings
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype, spare=spare)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "Gemma":

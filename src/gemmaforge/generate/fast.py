@@ -148,6 +148,9 @@ class FastForward:
             # Without CUDA graphs, sizes are symbolic (kv_len, the cache length, the batch): one
             # compilation serves a whole chat. Weights keep static shapes (inductor's default).
             self._step = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=not self.graphs)
+            # No duck sizing: it would give two lengths that happen to be equal on the first call
+            # (global and ring, before the ring fills) one symbol, and recompile once they differ.
+            self._step = torch.fx.experimental._config.patch(use_duck_shape=False)(self._step)
         self._compiled = False  # a compiled step has run (after that, errors are not compile errors)
         self._cols: dict[int, tuple[KVCache, torch.Tensor, int]] = {}
         self._pool: dict[tuple[int, int], KVCache] = {}
@@ -163,9 +166,8 @@ class FastForward:
             return self.model.new_cache(batch_size, max_len)
         c = self.model.config
         if not self.graphs:
-            p = self.model.final_norm.weight
-            cache = KVCache(c, batch_size, min(max(max_len, c.sliding_window), c.max_position_embeddings),
-                            device=p.device, dtype=p.dtype, spare=1)
+            cache = self.model.new_cache(batch_size, min(max(max_len, c.sliding_window), c.max_position_embeddings),
+                                         spare=1)
             # The ring length is the constant window. Marked static, or dynamo's "duck sizing"
             # would tie it to a global length that happens to be equal, and recompile later.
             for i in range(c.num_layers):
@@ -206,10 +208,7 @@ class FastForward:
         n = cache.length + 1
         kv_lens = None if self.graphs else (n, min(n, cache.window))
         try:
-            # No duck sizing: it would give two lengths that happen to be equal on the first call
-            # (global and ring, before the ring fills) one symbol, and recompile once they differ.
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
-                logits = self._step(self.model, tokens, positions, cache, col, kv_lens, self.normalizer)
+            logits = self._step(self.model, tokens, positions, cache, col, kv_lens, self.normalizer)
         except Exception as e:  # noqa: BLE001 - a missing C++ compiler surfaces as whatever inductor raises
             if not self.compile or self._compiled or self.graphs:
                 raise
