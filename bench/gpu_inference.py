@@ -5,7 +5,7 @@ variant (HF transformers eager as the baseline), write JSON to $OUT.
     python bench/gpu_inference.py --device cpu --preset tiny-gemma2 --prefill-lens 16,32 \\
         --long-prefill 64 --batches 1,2 --prompt-len 8 --new-tokens 4 --repeats 1   # CI smoke run
 
-Targets (issue 4; anchors in REFERENCE.md section 9, HF 5.17 on one H100): decode batch 1 >= 350 tok/s
+Targets (issue 4; anchors in docs/reference.md §9, HF 5.17 on one H100): decode batch 1 >= 350 tok/s
 (HF 29.6, bandwidth floor ~500), batch 16 >= 3,000 tok/s (HF 430), prefill 4096 >= 2x HF eager, and
 an 8192-token prefill without a T x T score matrix. Random weights are fine for speed; correctness is
 checked separately against the eager path on the same device, soft-caps included.
@@ -26,9 +26,9 @@ from gemmaforge.attention import Mask, attention, chunked_attention
 from gemmaforge.benchmark import BenchSettings, best_time, decode_timing, environment, random_prompts, write_json
 from gemmaforge.checkpoint.hf import to_hf_name
 from gemmaforge.config import to_hf_config
-from gemmaforge.generate.engine import Engine
-from gemmaforge.generate.fast import FastForward
-from gemmaforge.generate.sampling import SamplingParams
+from gemmaforge.generation.engine import Engine
+from gemmaforge.generation.fast import FastForward
+from gemmaforge.generation.sampling import SamplingParams
 
 
 def parse_args(argv=None):
@@ -70,7 +70,7 @@ def hf_model(model: Gemma, device, dtype):
     hf = to_hf_config(model.config)
     cls = transformers.Gemma2Config if model.config.family == "gemma2" else transformers.Gemma3TextConfig
     cfg = cls(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
-    cfg._attn_implementation = "eager"  # the baseline of REFERENCE.md section 9 (and soft-cap exact)
+    cfg._attn_implementation = "eager"  # the baseline of docs/reference.md §9 (and soft-cap exact)
     arch = transformers.Gemma2ForCausalLM if model.config.family == "gemma2" else transformers.Gemma3ForCausalLM
     with torch.device(device):
         ref = arch(cfg).to(dtype)

@@ -1,4 +1,4 @@
-"""Training-step speed: tokens/s, MFU and peak memory against the HF anchors (REFERENCE.md section 9).
+"""Training-step speed: tokens/s, MFU and peak memory against the HF anchors (docs/reference.md §9).
 
     python bench/train_gpu.py                         # gemma2-2b shape, cuda, batch 1 x 2048 and 2 x 4096
     python bench/train_gpu.py --preset tiny-gemma2 --device cpu --shapes 1x64 --steps 2    # smoke test (CI)
@@ -24,7 +24,7 @@ from gemmaforge import Gemma, preset
 from gemmaforge.train.config import TrainConfig
 from gemmaforge.train.loop import Objective
 
-ANCHORS = {  # HF transformers 5.17, torch 2.11, one H100, eager attention (REFERENCE.md section 9)
+ANCHORS = {  # HF transformers 5.17, torch 2.11, one H100, eager attention (docs/reference.md §9)
     "1x2048": {"tok_per_s": 12419, "mfu": 0.197, "peak_gib": 36.7},
     "2x4096": "out of memory (80 GB)",
 }

@@ -4,6 +4,9 @@ import torch
 from gemmaforge import Gemma, preset
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Dynamo counts compilations per code object: a real process compiles the decode step for one or two
+# models, but this test session builds a dozen quantized models and compiles it for each.
+torch._dynamo.config.recompile_limit = 64
 
 
 def randomize(model: Gemma, seed: int = 0) -> Gemma:
@@ -17,7 +20,7 @@ def randomize(model: Gemma, seed: int = 0) -> Gemma:
 
 
 # Tiny configs that exercise every quirk: >= 3 layers, GQA ratio > 1, window shorter than the test
-# sequences, query_pre_attn_scalar != head_dim, non-default rope thetas (REFERENCE.md sections 1-2).
+# sequences, query_pre_attn_scalar != head_dim, non-default rope thetas (docs/reference.md §1-2).
 CONFIGS = {
     "gemma2": preset("tiny-gemma2"),
     "gemma2-27b-like": preset("tiny-gemma2").replace(

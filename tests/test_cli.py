@@ -24,7 +24,7 @@ CONFIG = preset("tiny-gemma3").replace(vocab_size=262144, query_pre_attn_scalar=
 def model_dir(tmp_path_factory, embedded_gguf):
     tok = load_tokenizer(embedded_gguf)
     d = tmp_path_factory.mktemp("tiny") / "model"
-    randomize(gemmaforge.Gemma(CONFIG), seed=1).save_pretrained(d)
+    gemmaforge.save_pretrained(randomize(gemmaforge.Gemma(CONFIG), seed=1), d)
     tok.save(d / "tokenizer.json")
     return d
 
@@ -69,7 +69,7 @@ def test_generate_compile_flag_reaches_the_engine(cmd, model_dir, monkeypatch, f
     import argparse
 
     from gemmaforge.commands.generate import COMPILE_PAYS_OFF_TOKENS, make_engine
-    from gemmaforge.generate import engine
+    from gemmaforge.generation import engine
 
     seen, real = [], engine.FastForward
     monkeypatch.setattr(engine, "FastForward", lambda m, compile: seen.append(compile) or real(m, compile=False))
@@ -171,8 +171,8 @@ def test_chat_keeps_history_resets_and_exits(cmd, model_dir, monkeypatch):
         calls.append([dict(m) for m in messages])
         yield f"reply{len(calls)}"
 
-    # importlib, not gemmaforge.generate: that attribute is the generate() function, not the package.
-    monkeypatch.setattr(importlib.import_module("gemmaforge.generate"), "stream", fake_stream)
+    # importlib, not gemmaforge.generation: that attribute is the generate() function, not the package.
+    monkeypatch.setattr(importlib.import_module("gemmaforge.generation"), "stream", fake_stream)
     code, out, err = cmd("chat", "--model", model_dir,
                          stdin="hello\nhow are you?\n/reset\n/bogus\nbye\n/exit\nnever read\n")
     assert code == 0, err
@@ -193,7 +193,7 @@ def test_chat_system_text_leads_every_turn(cmd, model_dir, monkeypatch):
         seen.append(messages[0])
         yield "ok"
 
-    monkeypatch.setattr(importlib.import_module("gemmaforge.generate"), "stream", fake_stream)
+    monkeypatch.setattr(importlib.import_module("gemmaforge.generation"), "stream", fake_stream)
     code, out, _ = cmd("chat", "--model", model_dir, "--system", "Answer in French.", stdin="hi\nagain\n")
     assert code == 0 and out == "ok\nok\n"
     assert seen == [{"role": "system", "content": "Answer in French."}] * 2
@@ -279,7 +279,7 @@ def feed_all(stream, tok, text, extra_ids=()):
 
 
 def test_text_stream_cuts_a_stop_string_that_spans_tokens(lib):
-    from gemmaforge.generate import TextStream
+    from gemmaforge.generation import TextStream
 
     tok = lib[1]
     text = "Question: what is 2+2?\nAnswer: 4\nQuestion: and 3+3?"
@@ -292,7 +292,7 @@ def test_text_stream_cuts_a_stop_string_that_spans_tokens(lib):
 
 
 def test_text_stream_holds_back_a_possible_stop_then_releases_it(lib):
-    from gemmaforge.generate import TextStream
+    from gemmaforge.generation import TextStream
 
     tok = lib[1]
     stream = TextStream(tok, stop=["The cat sat"])
@@ -302,7 +302,7 @@ def test_text_stream_holds_back_a_possible_stop_then_releases_it(lib):
 
 
 def test_text_stream_never_splits_a_character_and_drops_stop_ids(lib):
-    from gemmaforge.generate import TextStream
+    from gemmaforge.generation import TextStream
 
     tok = lib[1]
     text = "龘 and 𓀀 are rare"  # spelled with byte tokens (byte fallback)

@@ -5,8 +5,8 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from gemmaforge import GemmaforgeError, SamplingParams
-from gemmaforge.generate import Engine
-from gemmaforge.generate.engine import FINISHED
+from gemmaforge.generation import Engine
+from gemmaforge.generation.engine import FINISHED
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
@@ -122,9 +122,9 @@ def test_every_model_call_goes_through_forward(model):
     calls = []
 
     class Recording(Engine):
-        def _forward(self, tokens, positions, cache):
+        def _forward(self, tokens, positions, cache, **where):
             calls.append(tokens.shape)
-            return super()._forward(tokens, positions, cache)
+            return super()._forward(tokens, positions, cache, **where)
 
     ids = prompt(10, model.config.vocab_size, 8)
     out = Recording(model, prefill_chunk=4).generate([ids], SamplingParams(max_new_tokens=5))

@@ -1,6 +1,7 @@
 """Bad input gives one clear line naming the file/tensor/key and what to do."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from gemmaforge import GemmaforgeError
 @pytest.fixture
 def saved(tmp_path):
     m = gemmaforge.load("tiny-gemma2")
-    m.save_pretrained(tmp_path / "m")
+    gemmaforge.save_pretrained(m, tmp_path / "m")
     return tmp_path / "m"
 
 
@@ -98,7 +99,20 @@ def test_save_is_atomic(saved, monkeypatch):
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
     with pytest.raises(OSError):
-        m.save_pretrained(saved)
+        gemmaforge.save_pretrained(m, saved)
     assert sorted(p.name for p in saved.iterdir()) == before
     assert json.loads((saved / "config.json").read_text())["model_type"] == "gemma2"
     assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_saving_a_quantized_model_says_what_to_do(tmp_path, mode):
+    """Its int8/int4 buffers have no HF name: one line naming the quantization and the remedy, no directory."""
+    from gemmaforge.quant import quantize
+
+    m = quantize(gemmaforge.load("tiny-gemma3"), mode, head=None)
+    assert mode in m.quantization
+    with pytest.raises(GemmaforgeError, match=f"quantized \\({re.escape(m.quantization)}\\)") as e:
+        gemmaforge.save_pretrained(m, tmp_path / "q")
+    assert "save the float model before quantizing, or load it again" in one_line(e)
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,7 @@
 """The fast decode path against the eager reference (model forward with a cache), the engine with
 and without it, and the benchmark scripts' code paths on tiny models (no timings asserted)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -12,9 +13,9 @@ import torch
 
 from conftest import CONFIGS, randomize
 from gemmaforge import Gemma
-from gemmaforge.generate.engine import Engine
-from gemmaforge.generate.fast import FastForward, decode_step
-from gemmaforge.generate.sampling import SamplingParams
+from gemmaforge.generation.engine import Engine
+from gemmaforge.generation.fast import FastForward, decode_step
+from gemmaforge.generation.sampling import SamplingParams
 from gemmaforge.quant import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +65,13 @@ def test_static_shape_step_matches_eager(model):
     with torch.no_grad():
         model(tokens, positions, a)
         fast(tokens, positions, b)
-        col = torch.tensor([b.length])
         pos = positions[:, -1:]
         for _ in range(10):
             new = torch.randint(0, model.config.vocab_size, (2, 1), generator=g)
             pos = pos + 1
             ref = model(new, pos, a)[:, -1]
-            out = decode_step(model, new, pos, b, col, kv_lens=None)
-            col += 1
-            b.length += 1
+            out = decode_step(model, new, pos, b, kv_lens=None)
+            b.advance(pos[:, 0].tolist())
             assert (ref - out).abs().max() < 1e-5
 
 
@@ -99,16 +98,27 @@ def test_soft_caps_are_applied_in_the_fast_step():
 @pytest.mark.parametrize("compile", [False, None], ids=["eager", "default"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_fast_decode_matches_eager_on_a_quantized_model(mode, compile):
-    """compile=None is the default, which compiles the whole step for a quantized model on CPU."""
-    model = quantize(randomize(Gemma(CONFIGS["gemma3"])), mode)
+    """compile=None is the default, which compiles the whole step for a quantized model on CPU.
+
+    float32 activations: every kernel (GEMV, sgemm, the compiled reduction) computes the same float32
+    products in another order, so logits agree to float32 rounding, ~1e-6 relative (tolerance 1e-5)."""
+    model = quantize(randomize(Gemma(CONFIGS["gemma3"])), mode, activations="float32")
     fast = FastForward(model, compile=compile)
     assert fast.compile == (compile is None) and not fast.graphs
-    # The int4 and batched int8 kernels take bf16 activations: the same kernels eagerly agree to
-    # 1e-3, but inductor's own float32 norms can round an activation to the neighbouring bf16 value
-    # (2^-8 relative), which moves a logit by up to ~1e-2.
-    tol = 1e-3 if compile is False else 3e-2
-    assert compare_decode(model, fast, cache_tol=None if compile is False else tol) < tol
+    assert compare_decode(model, fast, cache_tol=1e-5) < 1e-5
     assert fast.compile == (compile is None)  # it compiled; no silent fallback to eager
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_bf16_activation_step_matches_eager(mode):
+    """bfloat16 activations: both paths round the same tensors to bf16 at the same points, but a
+    float32-level difference upstream (inductor fuses the norms in another order) can move a value
+    across a bf16 rounding boundary: one bf16 ulp, 2^-8 relative, which moves a logit of the tiny
+    model (|logit| < 4) by up to ~1e-2. Each kernel's bf16 arithmetic is checked exactly in test_quant.py."""
+    model = quantize(randomize(Gemma(CONFIGS["gemma3"])), mode, activations="bfloat16")
+    fast = FastForward(model)
+    assert fast.compile
+    assert compare_decode(model, fast, cache_tol=3e-2) < 3e-2
 
 
 def test_compiled_cpu_step_serves_every_cache_length_with_one_graph():
@@ -127,18 +137,17 @@ def test_compiled_cpu_step_serves_every_cache_length_with_one_graph():
     assert out == eager.generate(long, params)
 
 
-def test_a_failing_compile_falls_back_to_the_eager_step():
-    """No C++ compiler (or any inductor failure) on the first step: warn once, decode eagerly."""
+def test_without_a_cpp_compiler_the_step_runs_eagerly(monkeypatch):
+    """No C++ compiler: warn once at construction and decode eagerly (checked up front; a compile
+    error with a compiler present is a bug and is raised, not swallowed)."""
+    fast_module = importlib.import_module("gemmaforge.generation.fast")
+
     model = quantize(randomize(Gemma(CONFIGS["gemma2"])), "int8")
-    fast = FastForward(model)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    fast._step = broken
-    with pytest.warns(UserWarning, match="running it eagerly"):
-        assert compare_decode(model, fast, steps=3) < 1e-3
-    assert not fast.compile
+    monkeypatch.setattr(fast_module, "can_compile_cpu", lambda: False)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        fast = FastForward(model)
+    assert not fast.compile and fast._step is decode_step
+    assert compare_decode(model, fast, steps=3) < 1e-5
 
 
 def test_cache_overflow_is_an_error(model):

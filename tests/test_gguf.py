@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import re
 
 import gguf
 import numpy as np
@@ -172,7 +173,7 @@ def random_tensors(config, seed=0):
     return {n: 0.1 * torch.randn(s, generator=g) for n, s in G.expected_shapes(config).items()}
 
 
-SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3, as in Gemma (REFERENCE.md section 3)
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3, as in Gemma (docs/reference.md §3)
 
 
 def fake_tokenizer(vocab):
@@ -496,3 +497,25 @@ def test_write_errors_and_atomicity(tmp_path, monkeypatch):
         G.write_gguf(target, config, random_tensors(config, seed=1))
     assert target.read_bytes() == before  # the old file is untouched ...
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]  # ... and no temp file is left
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_is_refused_with_one_line(tmp_path, mode):
+    """quant.quantize replaces the float weights with int8/int4 buffers that GGUF has no name for:
+    saving says so (and what to do) instead of failing on a tensor name, and writes nothing."""
+    from gemmaforge.checkpoint import materialize
+    from gemmaforge.quant import quantize
+
+    config = gguf_ready("tiny-gemma2")
+    model = materialize(config, ((k, v, "test") for k, v in random_tensors(config).items()), dtype=torch.float32)
+    assert G.read_gguf(G.save_gguf(model, tmp_path / "float.gguf")).config == config  # the float model saves
+    quantize(model, mode)
+    assert mode in model.quantization
+    with pytest.raises(GemmaforgeError, match=f"quantized \\({re.escape(model.quantization)}\\)") as e:
+        G.save_gguf(model, tmp_path / "q.gguf")
+    assert "save the float model before quantizing, or load it again" in one_line(e)
+    # The bare writer gets only a state dict, and recognises the quantized buffers in it.
+    with pytest.raises(GemmaforgeError, match="quantized model") as e:
+        G.write_gguf(tmp_path / "q.gguf", config, dict(model.state_dict()))
+    assert "save the float model before quantizing" in one_line(e)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.gguf"]

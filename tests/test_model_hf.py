@@ -46,7 +46,7 @@ def test_logits_match_transformers(model):
 
 
 def test_save_pretrained_loads_in_transformers(model, tmp_path):
-    model.save_pretrained(tmp_path / "m")
+    gemmaforge.save_pretrained(model, tmp_path / "m")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32,
                                                             attn_implementation="eager")
     tokens = torch.arange(20)[None] % model.config.vocab_size
@@ -64,7 +64,7 @@ def test_load_transformers_checkpoint(model, tmp_path):
 
 
 def test_sharded_save_and_load(model, tmp_path):
-    model.save_pretrained(tmp_path / "m", max_shard_bytes=20_000)
+    gemmaforge.save_pretrained(model, tmp_path / "m", max_shard_bytes=20_000)
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     loaded = gemmaforge.load(tmp_path / "m")
@@ -75,7 +75,7 @@ def test_sharded_save_and_load(model, tmp_path):
 
 
 def test_bf16_embedding_normalizer_is_rounded():
-    """sqrt(2304) = 48.0000 in bf16, 48.0 only after rounding (REFERENCE.md section 1)."""
+    """sqrt(2304) = 48.0000 in bf16, 48.0 only after rounding (docs/reference.md §1)."""
     cfg = gemmaforge.preset("tiny-gemma2").replace(hidden_size=80)  # sqrt(80) = 8.944 -> bf16 8.9375
     m = gemmaforge.Gemma(cfg).init_weights().to(torch.bfloat16)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 
 import gemmaforge
 from gemmaforge import SamplingParams
-from gemmaforge.generate import Engine
+from gemmaforge.generation import Engine
 
 pytestmark = pytest.mark.slow
 

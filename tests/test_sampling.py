@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
 )
 
 from gemmaforge import GemmaforgeError, SamplingParams
-from gemmaforge.generate.sampling import new_generator, process_logits, sample
+from gemmaforge.generation.sampling import new_generator, process_logits, sample
 
 B, V = 4, 1000
 

@@ -80,7 +80,7 @@ def hf_tok(gguf_path):
 
 
 def test_special_ids_of_gemma3_vocab(tok):
-    # REFERENCE.md section 4
+    # docs/reference.md §4
     assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
     assert (tok.start_of_turn_id, tok.end_of_turn_id) == (105, 106)
     assert tok.stop_ids == frozenset({1, 106})
@@ -346,3 +346,53 @@ def _tiny_gguf(metadata: dict) -> bytes:
         else:
             out.append(struct.pack("<I", 8) + string(value))
     return b"".join(out)
+
+
+# ---- what loading a tokenizer imports --------------------------------------------------------------
+
+# Run in a fresh interpreter. gemmaforge/__init__.py re-exports load, Gemma, generate... and so imports
+# all of them; a bare package object in its place shows what the tokenizer module itself pulls in.
+# sentencepiece is blocked: the library reads tokenizer.model without it (it is a test-only dependency).
+_ISOLATED = """
+import json, sys, types
+package = types.ModuleType("gemmaforge")
+package.__path__ = [{src!r}]
+sys.modules["gemmaforge"] = package
+sys.modules["sentencepiece"] = None
+from gemmaforge.tokenizer import load_tokenizer
+tok = load_tokenizer({path!r})
+heavy = sorted(name for name, module in sys.modules.items() if module is not None and (
+    name in ("gemmaforge.checkpoint", "gemmaforge.model") or name.split(".")[0] in ("torch", "gguf", "sentencepiece")))
+print(json.dumps({{"ids": tok.encode({text!r}), "heavy": heavy}}))
+"""
+
+
+def _load_in_fresh_interpreter(path: Path, text: str) -> dict:
+    import subprocess
+    import sys
+
+    import gemmaforge.tokenizer
+
+    src = str(Path(gemmaforge.tokenizer.__file__).parent)
+    code = _ISOLATED.format(src=src, path=str(path), text=text)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_gguf_tokenizer_imports_neither_checkpoint_nor_model(tmp_path):
+    """Reading a GGUF's vocabulary needs its header only: not torch, the model or the checkpoint package."""
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(_tiny_gguf({"general.architecture": "gemma3", "tokenizer.ggml.model": "llama",
+                                 "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>", "<unk>", "h", "i", "hi"]}))
+    child = _load_in_fresh_interpreter(path, "hihi")
+    assert child["heavy"] == []
+    assert child["ids"] == load_tokenizer(path).encode("hihi") == [2, 6, 6]
+
+
+def test_sentencepiece_model_loads_without_sentencepiece(tmp_path):
+    path = _train_sentencepiece(tmp_path)  # training needs sentencepiece; reading must not
+    text = "The quick brown fox\n\nПривет"
+    child = _load_in_fresh_interpreter(path, text)
+    assert child["heavy"] == []
+    assert child["ids"] == load_tokenizer(path).encode(text)

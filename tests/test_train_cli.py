@@ -66,9 +66,9 @@ def test_vocabulary_mismatches(tmp_path, capsys):
     write_token_dataset(tmp_path / "big", {"train": [[2, 900, 901] * 30], "val": [[2, 5, 6] * 30]}, vocab_size=1000)
     _fails(["train", _yaml(tmp_path, data=str(tmp_path / "big"), out=str(tmp_path / "o"), **FAST)], capsys,
            "1000-token vocabulary", "512")
-    from gemmaforge import Gemma, preset
+    from gemmaforge import Gemma, preset, save_pretrained
 
-    Gemma(preset("tiny-gemma3").replace(vocab_size=600)).init_weights().save_pretrained(tmp_path / "teacher600")
+    save_pretrained(Gemma(preset("tiny-gemma3").replace(vocab_size=600)).init_weights(), tmp_path / "teacher600")
     counting_corpus(tmp_path / "data")
     cfg = _yaml(tmp_path, data=str(tmp_path / "data"), out=str(tmp_path / "o2"), teacher=str(tmp_path / "teacher600"),
                 **FAST)

@@ -37,7 +37,7 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
 
     # one process, same global batch (2 micro-batches per step here, 1 per process there)
     one = load_config(None, dict(COMMON, data=str(tmp_path / "data"), out=str(tmp_path / "one"), max_steps=4))
-    train(one, distill=True)
+    train(one)
     ref = _curve(tmp_path / "one")
     got = _curve(tmp_path / "two")
     assert [r["step"] for r in got] == [r["step"] for r in ref if r["step"] <= 2]
@@ -52,7 +52,7 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
     for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
     # ... and one process resumes it (weights + AdamW state) onto the same curve
-    train(one.replace(out=str(tmp_path / "two")), distill=True)
+    train(one.replace(out=str(tmp_path / "two")))
     resumed = _curve(tmp_path / "two")
     assert [r["step"] for r in resumed] == [r["step"] for r in ref]
     for a, b in zip(resumed[len(got):], ref[len(got):]):

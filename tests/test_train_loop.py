@@ -92,10 +92,10 @@ def test_distill_from_cache_with_full_vocab_equals_live_teacher(tmp_path, data):
     from gemmaforge.train.distill import build_teacher_cache
 
     common = dict(teacher="tiny-gemma3", alpha=0.7, temperature=2.0, max_steps=3, eval_every=3, save_every=3)
-    live = train(cfg(tmp_path, "live", **common), distill=True)
+    live = train(cfg(tmp_path, "live", **common))
     cached_cfg = cfg(tmp_path, "cached", teacher_cache=str(tmp_path / "cache"), cache_k=512, **common)
     build_teacher_cache(cached_cfg, progress=False)
-    cached = train(cached_cfg, distill=True)
+    cached = train(cached_cfg)
     for a, b in zip(metrics(tmp_path / "live"), metrics(tmp_path / "cached")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)  # KL = soft CE - entropy: compare absolutely
@@ -107,5 +107,5 @@ def test_distill_from_cache_with_full_vocab_equals_live_teacher(tmp_path, data):
         c = cfg(tmp_path, f"c-{mode}", teacher_cache=str(tmp_path / f"cache-{mode}"), cache_k=k, cache_mode=mode,
                 **common)
         build_teacher_cache(c, progress=False)
-        train(c, distill=True)
+        train(c)
         assert metrics(tmp_path / f"c-{mode}")[0]["kl"] != pytest.approx(metrics(tmp_path / "live")[0]["kl"], rel=1e-3)

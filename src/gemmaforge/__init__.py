@@ -1,9 +1,10 @@
 """gemmaforge: Gemma 2 / Gemma 3 in plain PyTorch."""
 
 from .checkpoint import load
+from .checkpoint.hf import save_pretrained
 from .config import PRESETS, GemmaConfig, preset
 from .errors import GemmaforgeError
-from .generate import SamplingParams, generate, stream
+from .generation import SamplingParams, generate, stream
 from .kv_cache import KVCache, cache_bytes_per_token
 from .model import Gemma
 from .tokenizer import load_tokenizer

@@ -1,6 +1,6 @@
 """Attention kernels behind one dispatch point: ``attention(q, k, v, mask, scale=, softcap=, impl=)``.
 
-``eager`` is the reference every other path is tested against (REFERENCE.md section 1):
+``eager`` is the reference every other path is tested against (docs/reference.md §1):
     scores = (q . k) * scale;  scores = softcap * tanh(scores / softcap);  mask;  softmax in fp32.
 Fast paths:
 - ``sdpa``: torch's fused scaled_dot_product_attention. It has no soft-cap hook, so it is only
@@ -9,10 +9,13 @@ Fast paths:
   instead of O(T * S); the mask is built per block from positions, never as a T x S matrix.
 - ``flex``: FlexAttention (CUDA) with the soft-cap as a score_mod; see ``flex.py``.
 
-Masks are not tensors handed around but a rule over positions (``Mask``): key j is visible to
-query i iff  k_pos[j] >= 0 (a real token),  0 <= q_pos[i] - k_pos[j]  (causal), and, for local
-layers,  q_pos[i] - k_pos[j] < window  (W keys including itself). The same rule serves full
-forwards, left-padded batches (pad positions are -1) and ring-buffer caches (slots store positions).
+Masks are not tensors handed around but a rule over positions (``visible``, wrapped by ``Mask``):
+key j is visible to query i iff  k_pos[j] >= 0 (a real token),  0 <= q_pos[i] - k_pos[j]  (causal),
+for local layers  q_pos[i] - k_pos[j] < window  (W keys including itself), and, when segment ids are
+given (documents packed into one training window), the two tokens belong to the same segment. The
+same rule serves full forwards, padded batches (pad positions are -1), ring-buffer caches (slots
+store positions), the fast decode step's additive bias and FlexAttention's ``mask_mod``: it is
+written once, here.
 """
 
 from __future__ import annotations
@@ -29,24 +32,38 @@ _NEG = torch.finfo(torch.float32).min
 _CHUNK_ELEMENTS = 1 << 24  # score elements per chunk (64 MiB of fp32) before ``auto`` chunks
 
 
+def visible(q_pos, k_pos, window: int | None = None, q_seg=None, k_seg=None) -> torch.Tensor:
+    """The visibility rule, element-wise on broadcastable position (and segment id) tensors.
+
+    Written with plain tensor ops only, so that it serves broadcast masks ([B, T, 1] vs [B, 1, S]),
+    the decode step's bias and FlexAttention's per-element ``mask_mod`` alike."""
+    d = q_pos - k_pos
+    ok = (k_pos >= 0) & (d >= 0)
+    if window is not None:
+        ok = ok & (d < window)
+    if q_seg is not None:
+        ok = ok & (q_seg == k_seg)
+    return ok
+
+
 @dataclass
 class Mask:
-    """Visibility of keys to queries, defined by token positions. q_pos [B, T], k_pos [B, S]."""
+    """Visibility of keys to queries. q_pos [B, T], k_pos [B, S]; q_seg [B, T] and k_seg [B, S] are
+    optional segment ids (packed documents never see each other)."""
 
     q_pos: torch.Tensor
     k_pos: torch.Tensor
     window: int | None = None
+    q_seg: torch.Tensor | None = None
+    k_seg: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
     def block(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Boolean [B, 1, t, S] for queries start:stop."""
-        q = self.q_pos[:, start:stop, None]
-        k = self.k_pos[:, None, :]
-        d = q - k
-        ok = (k >= 0) & (d >= 0)
-        if self.window is not None:
-            ok &= d < self.window
-        return ok[:, None]
+        seg = (None, None)
+        if self.q_seg is not None:
+            seg = (self.q_seg[:, start:stop, None], self.k_seg[:, None, :])
+        return visible(self.q_pos[:, start:stop, None], self.k_pos[:, None, :], self.window, *seg)[:, None]
 
     def dense(self) -> torch.Tensor:
         if self._dense is None:  # built once per forward, shared by all layers of one type

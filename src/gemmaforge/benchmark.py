@@ -40,7 +40,8 @@ from .errors import GemmaforgeError
 
 BACKENDS = ("gemmaforge", "gemmaforge-eager", "hf", "llama.cpp")
 PRECISIONS = {
-    "gemmaforge": ("fp32", "bf16", "int8", "int8-h4", "int4"),
+    # int8-bf16 / int4-f32: the other activation precision than each mode's default (quant.py)
+    "gemmaforge": ("fp32", "bf16", "int8", "int8-h4", "int4", "int8-bf16", "int4-f32"),
     "gemmaforge-eager": ("fp32", "bf16"),
     "hf": ("fp32", "bf16"),
     "llama.cpp": ("f32", "f16", "q8_0", "source"),
@@ -138,21 +139,17 @@ def perplexity_from_logprobs(logprobs: torch.Tensor) -> float:
 # ---- gemmaforge ---------------------------------------------------------------------------------------
 def gemmaforge_perplexity(model, ids: list[int], chunk: int = 128) -> float:
     """Teacher-forced: log p(ids[i+1] | ids[:i+1]), the head applied ``chunk`` positions at a time."""
-    tokens = torch.tensor([ids], device=model.final_norm.weight.device)
+    from .eval.perplexity import sequence_perplexity
+
     with torch.inference_mode():
-        h = model.hidden_states(tokens[:, :-1])
-        out = []
-        for i in range(0, h.shape[1], chunk):
-            logp = torch.log_softmax(model.logits(h[:, i : i + chunk]).float(), dim=-1)
-            out.append(logp.gather(-1, tokens[:, i + 1 : i + 1 + chunk, None])[..., 0])
-    return perplexity_from_logprobs(torch.cat(out, dim=1))
+        return sequence_perplexity(model, ids, chunk=chunk)
 
 
 def bench_gemmaforge(model, s: BenchSettings, ppl_ids: list[int] | None, *, fast: bool = True) -> dict:
     """Times the real generation path: ``Engine`` (fast path unless ``fast=False``), greedy."""
-    from .generate.engine import Engine
-    from .generate.fast import FastForward
-    from .generate.sampling import SamplingParams
+    from .generation.engine import Engine
+    from .generation.fast import FastForward
+    from .generation.sampling import SamplingParams
 
     device = model.final_norm.weight.device
     engine = Engine(model, fast=fast)
@@ -204,6 +201,9 @@ def load_gemmaforge(source, precision: str, device="cpu"):
         quantize(model, "int8", head="int4")
     elif precision in ("int8", "int4"):
         quantize(model, precision)
+    elif precision in ("int8-bf16", "int4-f32"):
+        mode, acts = {"int8-bf16": ("int8", "bfloat16"), "int4-f32": ("int4", "float32")}[precision]
+        quantize(model, mode, activations=acts)
     return model
 
 
@@ -344,7 +344,9 @@ def prepare_artifacts(source, workdir: Path, variants: tuple[str, ...]) -> Artif
     model = None
     if not (hf_dir / "config.json").exists():
         model = load(source, dtype=torch.float32)
-        model.save_pretrained(hf_dir)
+        from .checkpoint.hf import save_pretrained
+
+        save_pretrained(model, hf_dir)
     art = Artifacts(str(hf_dir))
     src = Path(str(source)) if source is not None else None
     if source is None:
@@ -377,7 +379,8 @@ def prepare_artifacts(source, workdir: Path, variants: tuple[str, ...]) -> Artif
 
 
 _LABELS = {"int8": "int8 per-channel (head too)", "int8-h4": "int8 layers, int4 g32 head",
-           "int4": "int4 g32 (head too)"}
+           "int4": "int4 g32 (head too)", "int8-bf16": "int8, bf16 activations",
+           "int4-f32": "int4 g32, float32 activations"}
 _FILE_TYPES = {0: "F32", 1: "F16", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 2: "Q4_0", 14: "Q4_K_S"}
 
 

@@ -1,7 +1,7 @@
 """Gemma's chat format: turning a conversation into the prompt an instruction-tuned model expects.
 
 A conversation is a list of ``{"role": ..., "content": ...}`` dicts, as in transformers and OpenAI's
-API. Gemma renders it as (REFERENCE.md section 4)::
+API. Gemma renders it as (docs/reference.md §4)::
 
     <bos><start_of_turn>user
     {text}<end_of_turn>
@@ -58,7 +58,7 @@ def format_chat(messages: Sequence[Mapping], add_generation_prompt: bool = True)
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of :func:`format_chat`, with exactly one ``<bos>`` (the one the string carries).
 
-    Gemma degrades badly with a doubled or missing ``<bos>`` (REFERENCE.md section 4), which is the
+    Gemma degrades badly with a doubled or missing ``<bos>`` (docs/reference.md §4), which is the
     usual mistake when a formatted prompt goes through ``encode`` with its default ``add_bos=True``.
     """
     return tokenizer.encode(format_chat(messages, add_generation_prompt), add_bos=False)

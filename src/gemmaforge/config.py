@@ -2,7 +2,7 @@
 
 Everything that can be derived (GQA group size, attention scale, parameter count, which layers are
 local) is a property, never a second stored field. ``layer_types`` is data: one entry per layer.
-Numbers come from ../shared/REFERENCE.md sections 1-2.
+Numbers come from docs/reference.md §1-2.
 """
 
 from __future__ import annotations
@@ -65,12 +65,12 @@ class GemmaConfig:
 
     @property
     def attn_scale(self) -> float:
-        # query_pre_attn_scalar, not head_dim: they differ for gemma2-27b (REFERENCE.md section 1).
+        # query_pre_attn_scalar, not head_dim: they differ for gemma2-27b (docs/reference.md §1).
         return self.query_pre_attn_scalar**-0.5
 
     @property
     def embed_normalizer(self) -> float:
-        # The model rounds this to the activation dtype before multiplying (REFERENCE.md section 1).
+        # The model rounds this to the activation dtype before multiplying (docs/reference.md §1).
         return math.sqrt(self.hidden_size)
 
     def is_local(self, layer: int) -> bool:
@@ -103,7 +103,7 @@ class GemmaConfig:
         return cls(**d)
 
 
-# ---- layer patterns (REFERENCE.md sections 1-2) ------------------------------------------------
+# ---- layer patterns (docs/reference.md §1-2) ------------------------------------------------
 def gemma2_layer_types(n: int) -> tuple[str, ...]:
     """Even layers local, odd layers global."""
     return tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(n))
@@ -170,7 +170,7 @@ _HF_MODEL_TYPES = {"gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 
 def _rope_thetas(hf: dict[str, Any], family: str) -> tuple[float, float, float]:
-    """(global theta, local theta, global linear factor) from either spelling (REFERENCE.md section 3)."""
+    """(global theta, local theta, global linear factor) from either spelling (docs/reference.md §3)."""
     rp = hf.get("rope_parameters")
     if rp:
         if GLOBAL in rp or LOCAL in rp:  # transformers >= 5, nested per layer type

@@ -1,6 +1,6 @@
-"""FlexAttention path (CUDA): the soft-cap is a ``score_mod`` and the position rule of ``Mask`` a
-``mask_mod``, so Gemma 2's capped scores and sliding windows run in one fused, block-sparse kernel.
-The block mask is built once per ``Mask`` (one per layer type per forward) and shared by its layers.
+"""FlexAttention path (CUDA): the soft-cap is a ``score_mod`` and the visibility rule
+(``attention.visible``) a ``mask_mod``, so Gemma 2's capped scores and sliding windows run in one
+fused, block-sparse kernel. The block mask is built once per ``Mask`` (one per layer type per forward) and shared by its layers.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from .attention import visible
 
 
 @functools.cache
@@ -32,14 +34,12 @@ def _block_mask(mask, q_len: int, kv_len: int, device):
     cached = getattr(mask, "_flex_block", None)
     if cached is not None:
         return cached
-    q_pos, k_pos, window = mask.q_pos, mask.k_pos, mask.window
+    q_pos, k_pos, window, q_seg, k_seg = mask.q_pos, mask.k_pos, mask.window, mask.q_seg, mask.k_seg
 
     def mask_mod(b, h, qi, ki):
-        d = q_pos[b, qi] - k_pos[b, ki]
-        ok = (k_pos[b, ki] >= 0) & (d >= 0)
-        if window is not None:
-            ok = ok & (d < window)
-        return ok
+        if q_seg is None:
+            return visible(q_pos[b, qi], k_pos[b, ki], window)
+        return visible(q_pos[b, qi], k_pos[b, ki], window, q_seg[b, qi], k_seg[b, ki])
 
     block = create_block_mask(mask_mod, q_pos.shape[0], None, q_len, kv_len, device=device)
     mask._flex_block = block

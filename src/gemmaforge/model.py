@@ -1,4 +1,4 @@
-"""One config-driven network for Gemma 2 and Gemma 3 text models (REFERENCE.md sections 1-2).
+"""One config-driven network for Gemma 2 and Gemma 3 text models (docs/reference.md §1-2).
 
     h = embed(tokens) * round_to_dtype(sqrt(hidden))
     for each layer:  h = h + post_attn_norm(attn(attn_norm(h)))
@@ -110,8 +110,9 @@ class Embedding(nn.Embedding):
     """The tied table: ``forward`` looks rows up, ``head`` is the output matmul (quant.QuantEmbedding
     has the same two methods for a quantized table)."""
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.weight)
+    def head(self, h: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """h [..., D] -> h @ weight^T [..., vocab]; written into ``out`` (no autograd) when given."""
+        return F.linear(h, self.weight) if out is None else torch.matmul(h, self.weight.T, out=out)
 
 
 class Block(nn.Module):
@@ -152,15 +153,23 @@ class Gemma(nn.Module):
         self.register_buffer("inv_freq_global", glob.to(device), persistent=False)
 
     # ---- the network -------------------------------------------------------------------------
-    def hidden_states(self, tokens, positions=None, cache: KVCache | None = None, *, attn_impl=None):
-        """tokens [B, T] -> final-normed hidden states [B, T, hidden]."""
+    def hidden_states(self, tokens, positions=None, cache: KVCache | None = None, *, rows: slice | None = None,
+                      segment_ids=None, attn_impl=None):
+        """tokens [B, T] -> final-normed hidden states [B, T, hidden].
+
+        With a cache, the tokens extend pool rows ``rows`` (default: all) and positions default to
+        each row's length onwards. ``segment_ids`` [B, T] (no cache): documents packed into one
+        window; a token sees only keys of its own segment (attention.visible). Positions should
+        then restart at 0 per document."""
         c = self.config
         b, t = tokens.shape
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
+            start = torch.zeros(b, 1, dtype=torch.long)
+            if cache is not None:
+                start = torch.tensor(cache.lengths[rows or slice(None)])[:, None]
+            positions = (start + torch.arange(t)).to(tokens.device)
         h = self.embed(tokens)
-        # sqrt(hidden) rounded to the activation dtype first: 48.0 in bf16 for 2B (REFERENCE.md 1).
+        # sqrt(hidden) rounded to the activation dtype first: 48.0 in bf16 for 2B (docs/reference.md §1).
         h = h * torch.tensor(c.embed_normalizer, dtype=h.dtype, device=h.device)
         rope = {
             True: rope_cos_sin(positions, self.inv_freq_local, h.dtype),
@@ -168,11 +177,15 @@ class Gemma(nn.Module):
         }
         step = None
         if cache is not None:
-            step = cache.prepare(positions)
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for packed training windows, not cached decoding")
+            step = cache.prepare(positions, rows)
             masks = {True: Mask(positions, step.local_k_pos, c.sliding_window),
                      False: Mask(positions, step.global_k_pos)}
         else:
-            masks = {True: Mask(positions, positions, c.sliding_window), False: Mask(positions, positions)}
+            seg = (segment_ids, segment_ids)
+            masks = {True: Mask(positions, positions, c.sliding_window, *seg),
+                     False: Mask(positions, positions, None, *seg)}
         impl = attn_impl or self.attn_impl
         for i, block in enumerate(self.layers):
             local = c.is_local(i)
@@ -184,19 +197,27 @@ class Gemma(nn.Module):
             cache.commit(step)
         return self.final_norm(h)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied output head and the final soft-cap (Gemma 2: 30). Works on any slice of tokens."""
-        return softcap(self.embed.head(h), self.config.final_logit_softcap)
+    def logits(self, h: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tied output head and the final soft-cap (Gemma 2: 30). Works on any slice of tokens. With
+        ``out`` (a preallocated [..., vocab] buffer, no autograd) the logits are written there and
+        soft-capped in place, so a chunked loop allocates nothing per chunk."""
+        cap = self.config.final_logit_softcap
+        if out is None:
+            return softcap(self.embed.head(h), cap)
+        z = self.embed.head(h, out=out)
+        return z if cap is None else z.div_(cap).tanh_().mul_(cap)
 
-    def forward(self, tokens, positions=None, cache: KVCache | None = None, *, attn_impl=None):
+    def forward(self, tokens, positions=None, cache: KVCache | None = None, *, rows: slice | None = None,
+                segment_ids=None, attn_impl=None):
         """tokens [B, T] (positions [B, T], -1 = padding) -> logits [B, T, vocab] after the soft-cap."""
-        return self.logits(self.hidden_states(tokens, positions, cache, attn_impl=attn_impl))
+        h = self.hidden_states(tokens, positions, cache, rows=rows, segment_ids=segment_ids, attn_impl=attn_impl)
+        return self.logits(h)
 
     # ---- conveniences ------------------------------------------------------------------------
-    def new_cache(self, batch_size: int, max_len: int | None = None, spare: int = 0) -> KVCache:
+    def new_cache(self, num_rows: int, max_len: int | None = None, slack: int = 0) -> KVCache:
         p = self.final_norm.weight  # not embed.weight: a quantized table has none
         max_len = max_len or self.config.max_position_embeddings
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype, spare=spare)
+        return KVCache(self.config, num_rows, max_len, device=p.device, dtype=p.dtype, slack=slack)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "Gemma":
@@ -208,9 +229,3 @@ class Gemma(nn.Module):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
-
-    def save_pretrained(self, directory, *, max_shard_bytes: int = 2 << 30) -> None:
-        """Write an HF directory (config.json + safetensors) that transformers loads."""
-        from .checkpoint.hf import save_pretrained
-
-        save_pretrained(self, directory, max_shard_bytes=max_shard_bytes)

@@ -22,7 +22,7 @@ precision on the embedded model: docs/benchmarks.md.
 from __future__ import annotations
 
 import functools
-import warnings
+import shutil
 
 import torch
 import torch.nn as nn
@@ -75,6 +75,25 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 # ---- kernels ----------------------------------------------------------------------------------------
+# Activation precision is a property of the quantized model, the same on every path (eager, compiled,
+# one row or many, prefill or decode), so that a path never differs from another by a silent bf16
+# rounding (docs/benchmarks.md, "activation precision", has the measured cost of each choice):
+#   "float32"   activations stay float32; products accumulate in float32. Exact up to summation order.
+#   "bfloat16"  what enters a quantized matmul is rounded to bf16, and so is what leaves it; products
+#               still accumulate in float32 (as every bf16 kernel here does). The scales are rounded
+#               to bf16 once at quantization, because the bf16 kernels read them in bf16.
+ACTIVATIONS = ("float32", "bfloat16")
+# int8: the float32 GEMV is as fast as the bf16 kernel at decode, and bf16 costs perplexity.
+# int4: PyTorch's packed int4 kernel takes bf16 activations only; its float32 form is 10-20x slower.
+DEFAULT_ACTIVATIONS = {"int8": "float32", "int4": "bfloat16"}
+
+
+def _check_activations(activations: str) -> str:
+    if activations not in ACTIVATIONS:
+        raise GemmaforgeError(f"unknown activation precision {activations!r}: use float32 or bfloat16")
+    return activations
+
+
 def _int4_kernel_ok(device: torch.device, n: int, k: int) -> bool:
     """Whether PyTorch's packed int4 CPU kernel takes this [n, k] weight (else: dequantize, then matmul).
     The CUDA kernel (``_weight_int4pack_mm``) packs nibbles in another order and is not used: this
@@ -104,24 +123,33 @@ def _compiled_gemv():
     return torch.compile(_int8_gemv, dynamic=True)
 
 
-_gemv_failed = False  # set once if inductor cannot compile here (no C++ compiler, say)
-_BF16_GEMM_MIN_ROWS = 16  # below this, converting the weight costs more than the bf16 GEMM saves
+@functools.cache
+def can_compile_cpu() -> bool:
+    """Inductor's CPU backend needs a C++ compiler. Checked up front instead of catching whatever a
+    failed compile raises: a try/except around the hot path would turn real bugs into slow paths."""
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def _round_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T, never materialising the float weight in float32.
+    """y = x @ (q * scale).T, never materialising the float weight of the whole layer for one row.
 
-    Which kernel (measured on 2 Zen 4 cores, docs/benchmarks.md):
-      one row (decode), CPU   a compiled GEMV, float32 throughout: 2x faster than _weight_int8pack_mm
-      >= 16 rows, CPU         int8 -> bf16 (exact for |q| <= 127) and oneDNN's bf16 GEMM: ~2x sgemm
-      other CPU shapes        torch._weight_int8pack_mm with bf16 activations (its fast path)
-      inside torch.compile    the GEMV as a reduction for inductor to write (gpt-fast style)
-      other devices           dequantize to the activation dtype, then F.linear
+    Which kernel (measured on 2 cores, docs/benchmarks.md), by activation precision:
+      float32, one row     a GEMV written as a reduction, compiled (eagerly: its own small graph)
+      float32, more rows   dequantize to float32 and sgemm (converting costs less than the rows save)
+      bfloat16, any rows   torch._weight_int8pack_mm (bf16 in and out, float32 accumulation)
+      other devices        dequantize to the activation dtype, then F.linear
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, activations: str = "float32"):
         super().__init__()
+        self.activations = _check_activations(activations)
         q, scale = quantize_int8(weight)
+        if activations == "bfloat16":
+            scale = _round_bf16(scale)
         self.out_features, self.in_features = weight.shape
         self.register_buffer("qweight", q.to(weight.device))
         self.register_buffer("scale", scale.to(weight.device))
@@ -132,47 +160,51 @@ class Int8Linear(nn.Module):
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        global _gemv_failed
-        rows = x.shape[0]
-        if torch.compiler.is_compiling() and rows == 1:
-            return _int8_gemv(_materialize(x.float()), self.qweight, self.scale)
         if x.device.type != "cpu":
             return F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
-        if rows == 1 and not _gemv_failed and not torch.is_grad_enabled():
-            try:
-                return _compiled_gemv()(x.float(), self.qweight, self.scale)
-            except Exception as e:  # the kernels below still work
-                _gemv_failed = True
-                warnings.warn(f"compiled int8 GEMV unavailable ({type(e).__name__}); using _weight_int8pack_mm")
-        if rows >= _BF16_GEMM_MIN_ROWS:
-            return F.linear(x.to(torch.bfloat16), self.qweight.to(torch.bfloat16)).float() * self.scale
-        bf = torch.bfloat16  # the CPU kernel's vectorised path; float32 activations run ~4x slower
-        x, scale = x.to(bf), self.scale.to(bf)
-        if torch.compiler.is_compiling():  # the kernel's lowering takes buffers, not fused expressions
-            x, scale = _materialize(x), _materialize(scale)
-        return torch._weight_int8pack_mm(x, self.qweight, scale)
+        compiling = torch.compiler.is_compiling()
+        if self.activations == "bfloat16":
+            bf = torch.bfloat16
+            x, scale = x.to(bf), self.scale.to(bf)
+            if compiling:  # the kernel's lowering takes buffers, not fused expressions
+                x, scale = _materialize(x), _materialize(scale)
+            return torch._weight_int8pack_mm(x, self.qweight, scale).float()
+        x = x.float()
+        if x.shape[0] == 1:
+            if compiling:
+                return _int8_gemv(_materialize(x), self.qweight, self.scale)
+            if not torch.is_grad_enabled() and can_compile_cpu():
+                return _compiled_gemv()(x, self.qweight, self.scale)
+        return F.linear(x, self.qweight.float()) * self.scale
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scale)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel, {self.activations} activations"
 
 
 class Int4Linear(nn.Module):
-    """Group-wise int4 weight; PyTorch's packed int4 CPU kernel (bf16 activations) where it applies."""
+    """Group-wise int4 weight; PyTorch's packed int4 CPU kernel where it applies (bf16 activations).
 
-    def __init__(self, weight: torch.Tensor, group_size: int = 32, *, keep_codes: bool = False):
+    float32 activations dequantize the weight and run an sgemm: exact, and the reference for the
+    kernel, but 10-20x slower at decode (docs/benchmarks.md)."""
+
+    def __init__(self, weight: torch.Tensor, group_size: int = 32, *, keep_codes: bool = False,
+                 activations: str = "bfloat16"):
         super().__init__()
+        self.activations = _check_activations(activations)
         q, scale, zero = quantize_int4(weight, group_size)
+        # The kernel reads scales and zeros in bf16: every path (plain codes for embedding rows
+        # included) uses those same rounded values, so that the kernel and its reference agree.
+        scale, zero = _round_bf16(scale), _round_bf16(zero)
         dev = weight.device
         self.out_features, self.in_features = weight.shape
         self.group_size = group_size
-        self.kernel = _int4_kernel_ok(dev, self.out_features, self.in_features)
+        self.kernel = activations == "bfloat16" and _int4_kernel_ok(dev, self.out_features, self.in_features)
         # The kernel's packed layout is opaque: embeddings (row gathers) keep plain codes as well.
         plain = keep_codes or not self.kernel
-        # [K/g, N, 2] is the kernels' scale-and-zero layout; the kernel reads it in bf16, the plain
-        # codes are dequantized with the float32 copy.
+        # [K/g, N, 2] is the kernels' scale-and-zero layout.
         sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dev)
         self.register_buffer("scales_zeros", sz if plain else None)
         self.register_buffer("codes", pack_nibbles(q).to(dev) if plain else None)
@@ -188,8 +220,10 @@ class Int4Linear(nn.Module):
             if torch.compiler.is_compiling():
                 x2 = _materialize(x2)  # the kernel's lowering takes a buffer, not a fused expression
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.kernel_scales_zeros)
+        elif self.activations == "bfloat16":  # the kernel's arithmetic: bf16 in and out, float32 sums
+            y = _round_bf16(F.linear(_round_bf16(x2), self.dequantize()))
         else:
-            y = F.linear(x2, self.dequantize().to(dtype))
+            y = F.linear(x2.float(), self.dequantize())
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,19 +236,20 @@ class Int4Linear(nn.Module):
         return dequantize_int4(unpack_nibbles(codes), sz[..., 0].t(), sz[..., 1].t())
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+        return (f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, "
+                f"{self.activations} activations")
 
 
 class QuantEmbedding(nn.Module):
     """The tied table, quantized once, used both ways: ``forward`` gathers and dequantizes rows
     (input embedding), ``head`` is the output matmul. Same interface as ``model.Embedding``."""
 
-    def __init__(self, weight: torch.Tensor, mode: str, group_size: int = 32):
+    def __init__(self, weight: torch.Tensor, mode: str, group_size: int = 32, activations: str | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.dtype = weight.dtype
         self.mode = mode
-        self.table = Int8Linear(weight) if mode == "int8" else Int4Linear(weight, group_size, keep_codes=True)
+        self.table = _make(weight, mode, group_size, activations, keep_codes=True)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
@@ -225,19 +260,25 @@ class QuantEmbedding(nn.Module):
             rows = t.dequantize(flat)
         return rows.to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.table(h)
+    def head(self, h: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.table(h)
+        return z if out is None else out.copy_(z)
 
 
 # ---- whole-model transformation ---------------------------------------------------------------------
-def _make(weight: torch.Tensor, mode: str, group_size: int) -> nn.Module:
-    return Int8Linear(weight) if mode == "int8" else Int4Linear(weight, group_size)
+def _make(weight: torch.Tensor, mode: str, group_size: int, activations: str | None,
+          keep_codes: bool = False) -> nn.Module:
+    activations = activations or DEFAULT_ACTIVATIONS[mode]
+    if mode == "int8":
+        return Int8Linear(weight, activations)
+    return Int4Linear(weight, group_size, keep_codes=keep_codes, activations=activations)
 
 
 @torch.no_grad()
-def quantize(model, mode: str, *, group_size: int = 32, head: str | None = "same"):
+def quantize(model, mode: str, *, group_size: int = 32, head: str | None = "same", activations: str | None = None):
     """Quantize ``model`` in place: every linear layer to ``mode``, the tied embedding/head to ``head``
-    ("same" = ``mode``, "int8", "int4", or None to keep it in float).
+    ("same" = ``mode``, "int8", "int4", or None to keep it in float). ``activations``: "float32" or
+    "bfloat16" for every quantized matmul (None: each mode's measured default, DEFAULT_ACTIVATIONS).
 
     q/k/v and gate/up are fused first: one matmul instead of three (two) per layer and token.
     Measured on the embedded 270M model (docs/benchmarks.md), 4-bit costs much more perplexity in the
@@ -247,20 +288,23 @@ def quantize(model, mode: str, *, group_size: int = 32, head: str | None = "same
     for m in (mode, head):
         if m is not None and m not in MODES:
             raise GemmaforgeError(f"unknown quantization {m!r}: use one of {', '.join(MODES)} (or none)")
+    if activations is not None:
+        _check_activations(activations)
     if getattr(model, "quantization", None):
         raise GemmaforgeError(f"model is already quantized ({model.quantization}): load it again first")
     for block in model.layers:
         a, m = block.attn, block.mlp
         qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-        a.fused_qkv = _make(qkv, mode, group_size)
+        a.fused_qkv = _make(qkv, mode, group_size, activations)
         del a.q_proj, a.k_proj, a.v_proj
-        a.o_proj = _make(a.o_proj.weight, mode, group_size)
-        m.fused_gate_up = _make(torch.cat([m.gate_proj.weight, m.up_proj.weight]), mode, group_size)
+        a.o_proj = _make(a.o_proj.weight, mode, group_size, activations)
+        m.fused_gate_up = _make(torch.cat([m.gate_proj.weight, m.up_proj.weight]), mode, group_size, activations)
         del m.gate_proj, m.up_proj
-        m.down_proj = _make(m.down_proj.weight, mode, group_size)
+        m.down_proj = _make(m.down_proj.weight, mode, group_size, activations)
     if head is not None:
-        model.embed = QuantEmbedding(model.embed.weight, head, group_size)
-    model.quantization = f"{mode}, head {head or 'float'}"
+        model.embed = QuantEmbedding(model.embed.weight, head, group_size, activations)
+    acts = activations or "/".join(sorted({DEFAULT_ACTIVATIONS[m] for m in (mode, head) if m}))
+    model.quantization = f"{mode}, head {head or 'float'}, {acts} activations"
     return model
 
 

@@ -1,7 +1,7 @@
 """Rotary position embeddings, "rotate_half" (NeoX, half-split) layout as in HF and gemma_pytorch.
 
 cos/sin are computed in float32 from integer positions and cast to the activation dtype, as the
-reference implementations do (REFERENCE.md section 1). Positions are per row ([B, T]) so that left-
+reference implementations do (docs/reference.md §1). Positions are per row ([B, T]) so that left-
 padded batches and cached decode use the same code.
 """
 

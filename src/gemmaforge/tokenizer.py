@@ -1,6 +1,6 @@
 """Gemma's tokenizer: SentencePiece BPE with byte fallback, run by the Rust ``tokenizers`` library.
 
-Gemma 2 and Gemma 3 both use a SentencePiece BPE vocabulary with these rules (REFERENCE.md section 4):
+Gemma 2 and Gemma 3 both use a SentencePiece BPE vocabulary with these rules (docs/reference.md §4):
 
 - spaces become ``▁`` and there is no dummy prefix: ``"hi"`` and ``" hi"`` tokenize differently;
 - a character the vocabulary lacks is spelled as its UTF-8 bytes, one ``<0xNN>`` token per byte
@@ -81,7 +81,7 @@ class Tokenizer:
         self.stop_ids: frozenset[int] = frozenset(
             i for i in (self.eos_id, self.end_of_turn_id) if i is not None
         )
-        # The same difference tells the families apart when the file does not say (REFERENCE.md section 4).
+        # The same difference tells the families apart when the file does not say (docs/reference.md §4).
         self.family_hint: str | None = family_hint or {107: "gemma2", 106: "gemma3"}.get(self.end_of_turn_id)
 
     def __repr__(self) -> str:
@@ -213,7 +213,8 @@ def _load_file(path: Path, _mtime_ns: int, _size: int) -> Tokenizer:
 
 
 def _from_gguf(path: Path) -> Tokenizer:
-    from .checkpoint.gguf import read_gguf_metadata
+    # gguf_file, not checkpoint.gguf: reading a vocabulary should not import torch and the model.
+    from .gguf_file import read_gguf_metadata
 
     meta = read_gguf_metadata(path)
     if "tokenizer.ggml.tokens" not in meta:
@@ -297,7 +298,7 @@ def _build_sentencepiece_bpe(tokens: Sequence[str], types: Sequence[int], *, byt
         BPE(vocab=vocab, merges=_merges_by_position(vocab), unk_token="<unk>" if "<unk>" in vocab else None,
             fuse_unk=True, byte_fallback=byte_fallback)
     )
-    # No dummy prefix (REFERENCE.md section 4): only replace spaces. transformers also declares a
+    # No dummy prefix (docs/reference.md §4): only replace spaces. transformers also declares a
     # Split(" ") pre-tokenizer, but it runs after this normalizer has replaced every space, so it never
     # splits anything; we leave it out.
     backend.normalizer = normalizers.Replace(" ", SPACE)

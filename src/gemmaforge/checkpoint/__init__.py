@@ -23,7 +23,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
-    """Default: bf16 on GPU, fp32 on CPU; fp16 is allowed but warned about (REFERENCE.md section 1)."""
+    """Default: bf16 on GPU, fp32 on CPU; fp16 is allowed but warned about (docs/reference.md §1)."""
     if dtype is None:
         return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
     if isinstance(dtype, str):
@@ -33,6 +33,17 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     if dtype == torch.float16:
         warnings.warn("float16 overflows in Gemma 2 activations (27B especially); prefer bfloat16", stacklevel=3)
     return dtype
+
+
+def check_not_quantized(model, target: str) -> None:
+    """Refuse to save a model that ``quant.quantize`` changed: its int8/int4 buffers and fused
+    projections have no name in HF or GGUF checkpoints, and its float weights are gone."""
+    how = getattr(model, "quantization", None)
+    if how:
+        raise GemmaforgeError(
+            f"cannot save the model as {target}: it is quantized ({how}) and its float weights are gone;"
+            " save the float model before quantizing, or load it again"
+        )
 
 
 def materialize(config: GemmaConfig, tensors: Iterable[tuple[str, torch.Tensor, object]], *, dtype=None,

@@ -1,19 +1,11 @@
 """GGUF (llama.cpp) checkpoints: read into gemmaforge's internal names, write back for llama.cpp.
 
-Facts used here are in ../shared/REFERENCE.md section 3: GGUF tensor names, ggml's reversed
-dimension order, the +1 the llama.cpp converter adds to every ``*norm.weight``, and the metadata keys.
+Facts used here are in docs/reference.md §3: GGUF tensor names, ggml's reversed dimension order,
+the +1 the llama.cpp converter adds to every ``*norm.weight``, and the metadata keys.
 
-Reading does not use ``gguf.GGUFReader``: it builds a numpy object per metadata array element and
-takes ~11 s on the 262,144-token vocabulary of the embedded model. The format is simple (below), so
-a small parser over one ``mmap`` reads the header in well under a second and hands the tensor bytes
-to ``dequant.dequantize`` without copying them first. Writing uses ``gguf.GGUFWriter``.
-
-File layout (little-endian, GGUF v2/v3)::
-
-    "GGUF" | u32 version | u64 n_tensors | u64 n_kv
-    n_kv x      (string key, u32 value type, value)        string = u64 length + utf-8 bytes
-    n_tensors x (string name, u32 n_dims, u64 dims[n_dims] (ggml order), u32 ggml type, u64 offset)
-    padding to `general.alignment` (default 32), then tensor data; offsets are relative to it.
+The header (metadata and tensor table) is parsed by ``gemmaforge.gguf_file`` over one ``mmap``;
+the tensor bytes go from that map to ``dequant.dequantize`` without being copied first. Writing
+uses ``gguf.GGUFWriter``.
 """
 
 from __future__ import annotations
@@ -21,7 +13,6 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +30,13 @@ from gguf import (
 )
 from gguf import quants as gguf_quants
 
+from .. import gguf_file
 from ..config import GLOBAL, GemmaConfig, gemma2_layer_types, gemma3_layer_types
 from ..errors import GemmaforgeError
+from ..gguf_file import read_gguf_metadata  # noqa: F401  (re-exported: callers read metadata from here)
 from . import dequant
 
-# ---- names: GGUF <-> gemmaforge internal (REFERENCE.md section 3) --------------------------------
+# ---- names: GGUF <-> gemmaforge internal (docs/reference.md §3) --------------------------------
 GLOBAL_NAMES: dict[str, str] = {
     "token_embd.weight": "embed.weight",
     "output_norm.weight": "final_norm.weight",
@@ -87,7 +80,7 @@ def internal_to_gguf(name: str) -> str | None:
 
 
 def is_norm(internal_name: str) -> bool:
-    """Norm weights are stored as (1 + w) in GGUF (REFERENCE.md section 3): these get -1 / +1."""
+    """Norm weights are stored as (1 + w) in GGUF (docs/reference.md §3): these get -1 / +1."""
     return internal_name.endswith("norm.weight")
 
 
@@ -110,20 +103,7 @@ def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# ---- the header parser ---------------------------------------------------------------------------
-_MAGIC = b"GGUF"
-_SCALAR_FORMATS = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}
-
-
-class _Corrupt(Exception):
-    """Internal: the bytes do not parse as GGUF. read_gguf turns it into a one-line GemmaforgeError."""
-
-
+# ---- the header (parsed by gemmaforge.gguf_file, which the tokenizer uses without torch) -----------
 @dataclass
 class _TensorInfo:
     name: str
@@ -132,132 +112,17 @@ class _TensorInfo:
     offset: int  # absolute byte offset in the file
 
 
-class _Parser:
-    def __init__(self, buf: mmap.mmap):
-        self.buf, self.pos = buf, 0
-
-    def take(self, n: int) -> int:
-        """Advance past n bytes, returning where they start; a read past the end means truncation."""
-        start = self.pos
-        if n < 0 or start + n > len(self.buf):
-            raise _Corrupt(f"truncated (needs byte {start + n:,}, file has {len(self.buf):,})")
-        self.pos += n
-        return start
-
-    def scalar(self, vtype: GGUFValueType) -> Any:
-        fmt = _SCALAR_FORMATS[vtype]
-        (value,) = struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))
-        if vtype == GGUFValueType.FLOAT32:
-            # Shortest decimal that round-trips the float32: 1e-06, not 9.999999974752427e-07.
-            value = float(str(np.float32(value)))
-        return value
-
-    def string(self) -> str:
-        n = self.scalar(GGUFValueType.UINT64)
-        start = self.take(n)
-        return self.buf[start : start + n].decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        vtype = self.value_type(vtype)
-        if vtype == GGUFValueType.STRING:
-            return self.string()
-        if vtype != GGUFValueType.ARRAY:
-            return self.scalar(vtype)
-        item = self.value_type(self.scalar(GGUFValueType.UINT32))
-        count = self.scalar(GGUFValueType.UINT64)
-        if item in _SCALAR_FORMATS:  # numeric arrays in one numpy call (262,144 scores take ~10 ms)
-            dtype = np.dtype(_SCALAR_FORMATS[item])
-            start = self.take(count * dtype.itemsize)
-            return np.frombuffer(self.buf, dtype=dtype, count=count, offset=start).tolist()
-        if count > len(self.buf) - self.pos:  # every element takes >= 1 byte: a corrupt count
-            raise _Corrupt(f"array of {count:,} elements cannot fit in the file")
-        if item == GGUFValueType.STRING:
-            return self.strings(count)
-        return [self.value(item) for _ in range(count)]
-
-    def strings(self, count: int) -> list[str]:
-        """A string array (the 262k-token vocabulary) in one tight loop: ~0.15 s instead of ~0.5 s."""
-        buf, pos, size, out = self.buf, self.pos, len(self.buf), []
-        for _ in range(count):
-            if pos + 8 > size:
-                raise _Corrupt(f"truncated (needs byte {pos + 8:,}, file has {size:,})")
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            end = pos + 8 + n
-            if end > size:
-                raise _Corrupt(f"truncated (needs byte {end:,}, file has {size:,})")
-            out.append(buf[pos + 8 : end].decode("utf-8", errors="replace"))
-            pos = end
-        self.pos = pos
-        return out
-
-    def value_type(self, code: int) -> GGUFValueType:
-        try:
-            return GGUFValueType(code)
-        except ValueError:
-            raise _Corrupt(f"unknown metadata value type {code}") from None
-
-
 def _parse(buf: mmap.mmap, with_tensors: bool) -> tuple[dict[str, Any], list[_TensorInfo]]:
-    p = _Parser(buf)
-    start = p.take(4)
-    if buf[start : start + 4] != _MAGIC:
-        raise _Corrupt("not a GGUF file (bad magic)")
-    version = p.scalar(GGUFValueType.UINT32)
-    if version not in (2, 3):
-        # A big-endian file reads its version byte-swapped (e.g. 50331648 for 3).
-        raise _Corrupt(f"unsupported GGUF version {version} (gemmaforge reads little-endian v2 and v3)")
-    n_tensors = p.scalar(GGUFValueType.UINT64)
-    n_kv = p.scalar(GGUFValueType.UINT64)
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = p.string()
-        metadata[key] = p.value(p.scalar(GGUFValueType.UINT32))
-    if not with_tensors:
-        return metadata, []
-    raw_infos = []
-    for _ in range(n_tensors):
-        name = p.string()
-        n_dims = p.scalar(GGUFValueType.UINT32)
-        if n_dims > 4:
-            raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions (ggml allows at most 4)")
-        dims = [p.scalar(GGUFValueType.UINT64) for _ in range(n_dims)]
-        raw_infos.append((name, dims, p.scalar(GGUFValueType.UINT32), p.scalar(GGUFValueType.UINT64)))
-    alignment = metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
-        raise _Corrupt(f"general.alignment={alignment!r} is not a positive multiple of 8")
-    data_start = -(-p.pos // alignment) * alignment
-    infos = []
-    for name, dims, type_code, offset in raw_infos:
-        qtype = type_code
-        if type_code in GGMLQuantizationType._value2member_map_:
-            qtype = GGMLQuantizationType(type_code)
-        infos.append(_TensorInfo(name, qtype, tuple(reversed(dims)), data_start + offset))
-    return metadata, infos
+    metadata, entries = gguf_file.parse(buf, with_tensors)
+    known = GGMLQuantizationType._value2member_map_
+    return metadata, [
+        _TensorInfo(e.name, GGMLQuantizationType(e.type_code) if e.type_code in known else e.type_code,
+                    e.shape, e.offset)
+        for e in entries
+    ]
 
 
-def _open(path: str | os.PathLike) -> tuple[Path, mmap.mmap]:
-    path = Path(path)
-    if not path.is_file():
-        raise GemmaforgeError(f"GGUF file not found: {path}: check the path")
-    with path.open("rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            raise GemmaforgeError(f"{path} is empty: re-download or re-export it")
-        return path, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-def _unreadable(path: Path, e: _Corrupt) -> GemmaforgeError:
-    return GemmaforgeError(f"{path} is not a readable GGUF file: {e}: re-download or re-export it")
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All metadata of a GGUF file (key -> Python value), without the tensor table or data."""
-    path, buf = _open(path)
-    try:
-        return _parse(buf, with_tensors=False)[0]
-    except _Corrupt as e:
-        raise _unreadable(path, e) from None
-    finally:
-        buf.close()
+_open = gguf_file.open_gguf
 
 
 def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...]]]]:
@@ -266,8 +131,8 @@ def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[tupl
     path, buf = _open(path)
     try:
         metadata, infos = _parse(buf, with_tensors=True)
-    except _Corrupt as e:
-        raise _unreadable(path, e) from None
+    except gguf_file.CorruptGGUF as e:
+        raise gguf_file.unreadable(path, e) from None
     finally:
         buf.close()
     return metadata, [(i.name, getattr(i.qtype, "name", str(i.qtype)), i.shape) for i in infos]
@@ -277,7 +142,7 @@ def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[tupl
 _ARCHS = ("gemma2", "gemma3")
 _GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp hard-codes it for gemma3 local layers; GGUF does not store it
 # llama.cpp recognises the 27B models by block count and scales queries by hidden/heads for them,
-# by head_dim otherwise (llama-model.cpp, LLM_ARCH_GEMMA2/GEMMA3; REFERENCE.md section 1 table).
+# by head_dim otherwise (llama-model.cpp, LLM_ARCH_GEMMA2/GEMMA3; docs/reference.md §1 table).
 _27B_BLOCK_COUNT = {"gemma2": 46, "gemma3": 62}
 
 
@@ -288,7 +153,7 @@ def _query_scalar(family: str, n_layers: int, hidden: int, heads: int, head_dim:
 def config_from_metadata(
     md: dict[str, Any], where: str = "GGUF file", vocab_size: int | None = None
 ) -> GemmaConfig:
-    """GemmaConfig from GGUF metadata (the keys llama.cpp's converter writes; REFERENCE.md section 3).
+    """GemmaConfig from GGUF metadata (the keys llama.cpp's converter writes; docs/reference.md §3).
 
     The vocabulary size is the token count, as in llama.cpp; ``vocab_size`` (the embedding's rows)
     is used only for a file without a tokenizer.
@@ -317,7 +182,7 @@ def config_from_metadata(
         raise GemmaforgeError(f"{where} has no tokenizer.ggml.tokens: the vocabulary size is unknown")
     window = get("attention.sliding_window", 0)
     max_pos = get("context_length")
-    # The local/global pattern is not stored: llama.cpp applies the family rule (REFERENCE.md 1-2),
+    # The local/global pattern is not stored: llama.cpp applies the family rule (docs/reference.md §1-2),
     # and for gemma3 treats a missing or zero window as "no sliding window at all".
     if not window:
         layer_types, window = (GLOBAL,) * n_layers, max_pos
@@ -374,8 +239,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     path, buf = _open(path)
     try:
         metadata, infos = _parse(buf, with_tensors=True)
-    except _Corrupt as e:
-        raise _unreadable(path, e) from None
+    except gguf_file.CorruptGGUF as e:
+        raise gguf_file.unreadable(path, e) from None
     embed_rows = next((i.shape[0] for i in infos if i.name == "token_embd.weight"), None)
     config = config_from_metadata(metadata, where=str(path), vocab_size=embed_rows)
     shapes = expected_shapes(config)
@@ -525,6 +390,20 @@ def _encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[np.ndarray, G
         return t.to(torch.float16).numpy(), None
 
 
+# Buffer names of gemmaforge.quant's Int8Linear / Int4Linear / QuantEmbedding: a state dict holding
+# them comes from a quantized model (write_gguf has no model to ask for ``quantization``).
+_QUANT_BUFFERS = frozenset({"qweight", "scale", "scales_zeros", "codes", "packed", "kernel_scales_zeros"})
+
+
+def save_gguf(model, path: str | os.PathLike, metadata_extra: dict[str, Any] | None = None,
+              dtype: str = "f32") -> Path:
+    """``write_gguf`` for a model object; a quantized model is refused with one clear line."""
+    from . import check_not_quantized
+
+    check_not_quantized(model, "GGUF")
+    return write_gguf(path, model.config, dict(model.state_dict()), metadata_extra, dtype)
+
+
 def write_gguf(
     path: str | os.PathLike,
     config: GemmaConfig,
@@ -534,7 +413,7 @@ def write_gguf(
 ) -> Path:
     """Write a GGUF file that llama.cpp and transformers load as this model.
 
-    ``tensors`` use internal names with norms as w (this adds the +1, REFERENCE.md section 3).
+    ``tensors`` use internal names with norms as w (this adds the +1, docs/reference.md §3).
     ``metadata_extra`` adds keys such as the tokenizer fields of ``read_gguf_metadata``; keys the
     config determines (``general.architecture``, ``gemma*.``...) are taken from the config instead.
     Norms (1-D) are always F32; 2-D weights use ``dtype`` (f32, f16, bf16, q8_0).
@@ -548,6 +427,11 @@ def write_gguf(
     _check_representable(config)
     shapes = expected_shapes(config)
     for name, t in tensors.items():
+        if name not in shapes and name.rsplit(".", 1)[-1] in _QUANT_BUFFERS:
+            raise GemmaforgeError(
+                f"cannot write tensor {name!r} to GGUF: it is from a quantized model, whose float weights"
+                " are gone; save the float model before quantizing, or load it again"
+            )
         if name not in shapes:
             raise GemmaforgeError(f"cannot write unexpected tensor {name!r}: not a {config.family} parameter")
         if tuple(t.shape) != shapes[name]:

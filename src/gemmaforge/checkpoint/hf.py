@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: config.json + model.safetensors (single file or sharded with an index).
 
-Names are translated at this boundary by an explicit two-way map (REFERENCE.md section 3); the
+Names are translated at this boundary by an explicit two-way map (docs/reference.md §3); the
 model never sees HF names. Loading is lazy: safetensors files are memory-mapped and each tensor is
 read once, straight into the parameter it becomes.
 """
@@ -115,8 +115,14 @@ def read_tensors(directory: Path):
 
 def save_pretrained(model, directory, *, max_shard_bytes: int = 2 << 30) -> None:
     """config.json + model.safetensors (sharded with an index above ``max_shard_bytes``), atomically:
-    everything is written into a staging sibling directory that replaces ``directory`` at the end."""
+    everything is written into a staging sibling directory that replaces ``directory`` at the end.
+
+    A quantized model is refused: save the float model (before ``quant.quantize``) instead."""
     from safetensors.torch import save_file
+
+    from . import check_not_quantized
+
+    check_not_quantized(model, "an HF checkpoint")
 
     with publish_dir(directory) as tmp:
         tensors = {to_hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

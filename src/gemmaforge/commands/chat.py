@@ -5,7 +5,7 @@
     ...
     /reset   forget the conversation        /exit   quit (so does Ctrl-D)
 
-The whole history is re-sent every turn (the template of REFERENCE.md section 4, via ``encode_chat``);
+The whole history is re-sent every turn (the template of docs/reference.md §4, via ``encode_chat``);
 when it no longer fits the context, the oldest exchanges are dropped. Stdin need not be a terminal:
 piped lines are read as user turns, which is how the tests drive it.
 """
@@ -44,7 +44,7 @@ def fit_history(history: list[dict], count_tokens, budget: int) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from ..chat import encode_chat
-    from ..generate import stream
+    from ..generation import stream
 
     params = sampling_params(args)
     model, tokenizer = load_model_and_tokenizer(args)

@@ -8,7 +8,7 @@ The destination's kind follows its name: ``*.gguf`` is a GGUF file, anything els
 Quantized sources are dequantized first, so any source converts to any type. The tokenizer travels
 too: a GGUF's ``tokenizer.*`` metadata is copied as is, or written out as ``tokenizer.json`` for an
 HF directory; an HF directory's ``tokenizer.json`` (or ``tokenizer.model``) becomes GGUF metadata in
-llama.cpp's layout (REFERENCE.md section 3). Outputs appear atomically (temp name, then rename).
+llama.cpp's layout (docs/reference.md §3). Outputs appear atomically (temp name, then rename).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def gguf_tokenizer_metadata(source: str | Path, vocab_size: int) -> dict:
         "tokenizer.ggml.eos_token_id": tok.eos_id,
         "tokenizer.ggml.add_bos_token": True,
         "tokenizer.ggml.add_eos_token": False,
-        "tokenizer.ggml.add_space_prefix": False,  # Gemma: no dummy prefix (REFERENCE.md section 4)
+        "tokenizer.ggml.add_space_prefix": False,  # Gemma: no dummy prefix (docs/reference.md §4)
     }
     for key, value in (("unknown", tok.unk_id), ("padding", tok.pad_id)):
         if value is not None:
@@ -137,6 +137,7 @@ def _write_gguf(dst: Path, config, tensors, carried: dict | None, args, src: str
 
 def _write_hf(dst: Path, config, tensors, args, src: str) -> None:
     from ..checkpoint import materialize
+    from ..checkpoint.hf import save_pretrained
     from ..tokenizer import load_tokenizer
 
     if args.dtype not in _TORCH_DTYPES:
@@ -144,7 +145,7 @@ def _write_hf(dst: Path, config, tensors, args, src: str) -> None:
     model = materialize(config, ((k, v, src) for k, v in tensors.items()), dtype=_TORCH_DTYPES[args.dtype])
     _log(f"writing {dst}/ ({args.dtype})...")
     with publish_dir(dst) as tmp:  # dst is never half-written
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         source_dir = Path(src) if Path(src).is_dir() and args.tokenizer is None else None
         if source_dir is not None:
             for name in _HF_TOKENIZER_FILES:

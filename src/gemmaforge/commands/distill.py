@@ -36,5 +36,5 @@ def run(args) -> int:
     if args.cache_only:
         print(f"gemmaforge: teacher cache in {cfg.teacher_cache}")
         return 0
-    _report(train(cfg, distill=True))
+    _report(train(cfg))  # a config with a teacher distils
     return 0

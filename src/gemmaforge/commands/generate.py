@@ -29,6 +29,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=("none", "int8", "int8-h4", "int4"), default="none",
                    help="weight-only quantization after loading: int8 decodes ~8x faster on CPU at a "
                         "small perplexity cost (docs/benchmarks.md); none = exact weights (default)")
+    p.add_argument("--activations", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="precision of the activations entering --quant matmuls: auto = each mode's measured "
+                        "default (int8 float32, int4 bfloat16; docs/benchmarks.md)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decode step: auto = on a GPU, and on CPU for --quant models "
                         "when generating >= 2048 tokens in all (chat: always); costs 30-60 s the first "
@@ -71,7 +74,7 @@ def unescape(text: str) -> str:
 
 
 def sampling_params(args: argparse.Namespace):
-    from ..generate import SamplingParams
+    from ..generation import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -94,7 +97,8 @@ def load_model_and_tokenizer(args: argparse.Namespace):
         from ..quant import quantize
 
         mode, head = {"int8": ("int8", "same"), "int8-h4": ("int8", "int4"), "int4": ("int4", "same")}[args.quant]
-        quantize(model, mode, head=head)
+        precision = {} if args.activations == "auto" else {"activations": args.activations}
+        quantize(model, mode, head=head, **precision)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GemmaforgeError(
@@ -114,7 +118,7 @@ def make_engine(model, args: argparse.Namespace, new_tokens: int | None = None):
 
     ``new_tokens``: how many tokens this run will decode at most (a one-shot run); with
     ``--compile auto`` a CPU run below COMPILE_PAYS_OFF_TOKENS is not compiled."""
-    from ..generate import Engine
+    from ..generation import Engine
 
     compile = {"auto": None, "on": True, "off": False}[args.compile]
     cpu = model.final_norm.weight.device.type == "cpu"
@@ -144,7 +148,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generate import generate, stream
+    from ..generation import generate, stream
 
     params = sampling_params(args)  # checked before the slow model load
     if args.batch_size < 1:

@@ -5,7 +5,7 @@
 
 Shows the config, the parameter count (counted from the stored tensor shapes, checked against the
 config's formula), the local/global layer pattern, the KV-cache bytes per token at the model's full
-context against a cache that keeps every position in every layer (REFERENCE.md section 5), and the
+context against a cache that keeps every position in every layer (docs/reference.md §5), and the
 stored tensor types (F32/BF16 for HF files, ggml quant types such as Q4_K for GGUF).
 """
 

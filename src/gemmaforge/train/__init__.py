@@ -4,13 +4,17 @@
     prepare_data(["corpus/"], "data/corpus")                       # tokenize into shards
     train(load_config("examples/pretrain_tiny.yaml", {"max_steps": 10}))
 
-Files, in reading order: config.py (the YAML keys), data.py (shards, packing), losses.py (chunked
-output-head losses), optim.py (AdamW, schedule), loop.py (the loop), checkpointing.py, distributed.py
-(FSDP2), distill.py (teacher checks, cached logits), experiment.py (distilled vs scratch).
+Files, in reading order: config.py (the YAML keys), data.py (shards, packing), batches.py (what a
+step reads: Batch, BatchSource), losses.py (chunked output-head losses), objectives.py (what a step
+minimises), recipes.py (source + objective per kind of run), models.py (loading and start-up checks),
+setup.py (everything before the first step), loop.py (the step and the loop), optim.py (AdamW,
+schedule), checkpointing.py, metrics.py, distributed.py (FSDP2), distill.py (cached teacher logits),
+experiment.py (distilled vs scratch).
 """
 
 from .config import TrainConfig, load_config
 from .data import prepare_data
 from .loop import train
+from .recipes import Recipe
 
-__all__ = ["TrainConfig", "load_config", "prepare_data", "train"]
+__all__ = ["Recipe", "TrainConfig", "load_config", "prepare_data", "train"]

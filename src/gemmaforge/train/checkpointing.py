@@ -65,7 +65,9 @@ def export_model(state: dict[str, torch.Tensor], config: GemmaConfig, dest: Path
     with torch.device("meta"):
         model = Gemma(config)
     model.load_state_dict(state, strict=True, assign=True)
-    model.save_pretrained(dest)
+    from ..checkpoint.hf import save_pretrained
+
+    save_pretrained(model, dest)
     if tokenizer_file is not None and tokenizer_file.is_file():
         shutil.copyfile(tokenizer_file, dest / "tokenizer.json")
 

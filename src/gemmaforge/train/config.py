@@ -28,6 +28,7 @@ class TrainConfig:
 
     # ---- batch ------------------------------------------------------------------------------------
     seq_len: int = 512
+    packing: str = "segments"  # segments: documents in a window never attend to each other; or concat
     batch_size: int = 8  # sequences per optimizer step, summed over all processes
     micro_batch_size: int = 0  # sequences per forward per process; 0 = batch_size / processes
     max_steps: int = 1000
@@ -47,7 +48,7 @@ class TrainConfig:
     dtype: str = "float32"  # parameter (master weight) dtype
     autocast: str = "auto"  # auto = bf16 autocast on GPU, off on CPU; or bfloat16 / off
     activation_checkpointing: bool = False
-    loss_chunk: int = 1024  # tokens per output-head chunk (REFERENCE.md section 6)
+    loss_chunk: int = 1024  # tokens per output-head chunk (docs/reference.md §6)
     attn_impl: str | None = None
 
     # ---- evaluation, logging, checkpoints --------------------------------------------------------
@@ -62,8 +63,9 @@ class TrainConfig:
     # ---- distillation (gemmaforge distill) -------------------------------------------------------
     teacher: str | None = None  # anything gemmaforge.load accepts; "default" = the embedded model
     teacher_dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    teacher_quant: str | None = None  # int8 or int4: weight-only quantized teacher (gemmaforge.quant)
     teacher_cache: str | None = None  # directory of cached teacher logits (distill --cache-teacher)
-    cache_mode: str = "topk"  # topk, or sample (Gemma 3: sampled tokens, REFERENCE.md section 6)
+    cache_mode: str = "topk"  # topk, or sample (Gemma 3: sampled tokens, docs/reference.md §6)
     cache_k: int = 256
     alpha: float = 0.5  # loss = (1 - alpha) * CE(labels) + alpha * tau^2 * KD
     temperature: float = 1.0
@@ -83,10 +85,12 @@ class TrainConfig:
         if self.temperature <= 0:
             raise GemmaforgeError(f"temperature must be > 0, got {self.temperature}")
         choices = {"autocast": ("auto", "bfloat16", "off"), "cache_mode": ("topk", "sample"),
-                   "distill_loss": ("kl", "soft_ce")}
+                   "distill_loss": ("kl", "soft_ce"), "packing": ("segments", "concat"),
+                   "teacher_quant": (None, "int8", "int4")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise GemmaforgeError(f"config key {name!r} is {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+                names = ", ".join(str(a) if a is not None else "none" for a in allowed)
+                raise GemmaforgeError(f"config key {name!r} is {getattr(self, name)!r}: use one of {names}")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return load_config(None, {**dataclasses.asdict(self), **changes})

@@ -14,10 +14,17 @@ is deterministic and spread over the corpus. Shards are cut at document boundari
 so an interrupted run resumes where it stopped and produces byte-identical files.
 
 Training reads fixed-length windows of the concatenated token stream ("packing"). Every window's
-first input is replaced by <bos>: Gemma needs a <bos> at the start of every context (REFERENCE.md
+first input is replaced by <bos>: Gemma needs a <bos> at the start of every context (docs/reference.md
 section 4), and a window usually starts mid-document. The replaced token is still a *label* (the
 last one of the previous window), so every token but the very first is predicted exactly once per
 epoch. Labels that are <bos> are ignored: nothing in a document predicts where the next one starts.
+
+A window holds several documents. With ``packing="segments"`` (the default) each one is a segment of
+its own: a token attends only to earlier tokens of its document, and positions restart at 0 at each
+<bos>, so a document is seen exactly as if it were alone in its context (this is how Gemma was trained
+on packed data). The <bos> tokens are the only separators in the stream (there is no <eos> between
+documents), so they are what cuts segments. ``packing="concat"`` is plain causal attention over the
+whole window, positions 0 .. T-1.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,12 +40,13 @@ import torch
 
 from .. import atomic
 from ..errors import GemmaforgeError
+from .batches import IGNORE, Batch, IndexedSource
 
-IGNORE = -100  # label value the losses skip
 FORMAT = "gemmaforge-tokens-v1"
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+PACKING = ("segments", "concat")
 
 
 # ---- small file helpers ------------------------------------------------------------------------
@@ -328,20 +335,16 @@ class TokenStream:
         return np.concatenate(parts).astype(np.int64)
 
 
-@dataclass
-class Batch:
-    tokens: torch.Tensor  # [B, T] inputs, position 0 is always <bos>
-    labels: torch.Tensor  # [B, T] next tokens, IGNORE where nothing should be predicted
-    windows: torch.Tensor  # [B] window indices (they address cached teacher logits)
-
-
-class PackedWindows:
+class PackedWindows(IndexedSource):
     """Fixed-length training windows over a TokenStream, in a seeded order that depends only on the
     sample index: batch ``i`` is the same whatever happened before, which makes resume exact."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, bos_id: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, stream: TokenStream, seq_len: int, bos_id: int, seed: int = 0, shuffle: bool = True,
+                 packing: str = "segments"):
+        if packing not in PACKING:
+            raise GemmaforgeError(f"packing {packing!r} is not known: use one of {', '.join(PACKING)}")
         self.stream, self.seq_len, self.bos_id = stream, seq_len, bos_id
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.packing = seed, shuffle, packing
         self.num_windows = (len(stream) - 1) // seq_len
         if self.num_windows < 1:
             raise GemmaforgeError(
@@ -349,6 +352,10 @@ class PackedWindows:
                 "lower seq_len or add data"
             )
         self._epoch, self._perm = -1, None
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_windows
 
     def window_index(self, sample: int) -> int:
         """Sample number (counting across epochs) -> window; each epoch is a fresh permutation."""
@@ -370,8 +377,28 @@ class PackedWindows:
     def batch(self, samples: Sequence[int]) -> Batch:
         windows = [self.window_index(s) for s in samples]
         pairs = [self.window(w) for w in windows]
-        return Batch(
-            tokens=torch.from_numpy(np.stack([p[0] for p in pairs])),
-            labels=torch.from_numpy(np.stack([p[1] for p in pairs])),
-            windows=torch.tensor(windows, dtype=torch.long),
-        )
+        tokens = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        batch = Batch(tokens=tokens, labels=torch.from_numpy(np.stack([p[1] for p in pairs])),
+                      windows=torch.tensor(windows, dtype=torch.long))
+        if self.packing == "segments":
+            batch.segment_ids, batch.positions = document_segments(tokens, self.bos_id)
+        return batch
+
+
+def document_segments(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] tokens, each row starting with <bos> -> (segment ids, positions) [B, T]: segment k is the
+    k-th document of the row, and positions count from 0 at each document's <bos>."""
+    is_bos = tokens == bos_id
+    segment_ids = is_bos.long().cumsum(1) - 1
+    t = torch.arange(tokens.shape[1]).expand_as(tokens)
+    starts = torch.where(is_bos, t, torch.zeros_like(t)).cummax(1).values
+    return segment_ids, t - starts
+
+
+def packed_windows(cfg, split: str, meta: dict | None = None, *, shuffle: bool | None = None) -> PackedWindows:
+    """The windows of ``cfg.data``'s ``split`` as a run with config ``cfg`` reads them (training
+    windows shuffled per epoch, validation windows in order)."""
+    meta = meta or read_meta(cfg.data)
+    shuffle = split == "train" if shuffle is None else shuffle
+    return PackedWindows(TokenStream(cfg.data, split, meta), cfg.seq_len, meta["bos_id"], cfg.seed, shuffle=shuffle,
+                         packing=cfg.packing)

@@ -1,7 +1,8 @@
-"""Knowledge distillation: teacher checks and cached teacher logits (REFERENCE.md section 6).
+"""Cached teacher logits for knowledge distillation (docs/reference.md §6).
 
-A live teacher runs next to the student (loop.Objective). When the same windows are seen several
-times, or the teacher is expensive, its logits can be cached once instead, per training window:
+A live teacher runs next to the student (objectives.LiveTeacher). When the same windows are seen
+several times, or the teacher is expensive, its logits can be cached once instead, per training
+window (objectives.CachedTeacher reads them back):
 
 - ``topk``: the k largest logits per token. Training uses q = softmax(z_topk / tau): the teacher's
   distribution renormalised over its top k, which is the exact distribution when k = vocab.
@@ -10,7 +11,9 @@ times, or the teacher is expensive, its logits can be cached once instead, per t
   target is renormalised over them. Padding entries (fewer than k distinct tokens) have logit -inf.
 
 On disk: ``ids.npy`` int32 and ``logits.npy`` float32, both [windows, seq_len, k], written in place
-with ``progress.json`` as the resume point, and ``meta.json`` last.
+with ``progress.json`` as the resume point, and ``meta.json`` last. The teacher sees each window as
+training presents it (the same ``packing``: segment ids and per-document positions), so cached and
+live targets agree.
 """
 
 from __future__ import annotations
@@ -24,22 +27,10 @@ import torch
 from .. import atomic
 from ..errors import GemmaforgeError
 from .config import TrainConfig
-from .data import PackedWindows, TokenStream, prepare_out_dir, read_meta
+from .data import packed_windows, prepare_out_dir, read_meta
+from .models import check_tokenizer, load_teacher, source_of
 
 CACHE_FORMAT = "gemmaforge-teacher-cache-v1"
-
-
-def check_teacher(teacher, student, meta: dict) -> None:
-    """Teacher and student must index the same vocabulary (REFERENCE.md section 6: check at start-up)."""
-    t, s = teacher.config.vocab_size, student.config.vocab_size
-    if t != s:
-        raise GemmaforgeError(
-            f"the teacher has a {t}-token vocabulary and the student {s}: distillation needs teacher and student "
-            f"to share one tokenizer; pick a student preset with vocab_size {t}"
-        )
-    if meta["vocab_size"] > t:
-        raise GemmaforgeError(f"the data was tokenized with a {meta['vocab_size']}-token vocabulary, larger than "
-                              f"the teacher's {t}: prepare the data with the teacher's tokenizer")
 
 
 def sample_targets(z: torch.Tensor, k: int, tau: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,16 +51,14 @@ def build_teacher_cache(cfg: TrainConfig, *, batch: int = 4, progress: bool = Tr
     """Run the teacher over every training window once and store its top-k / sampled logits."""
     from tqdm import tqdm
 
-    from .loop import check_tokenizer, load_teacher
-
     out = Path(cfg.teacher_cache)
     meta = read_meta(cfg.data)
-    windows = PackedWindows(TokenStream(cfg.data, "train", meta), cfg.seq_len, meta["bos_id"], shuffle=False)
+    windows = packed_windows(cfg, "train", meta, shuffle=False)
     n, k = windows.num_windows, cfg.cache_k
     prepare_out_dir(out)
     if not cfg.teacher:
         raise GemmaforgeError(f"{out} holds no teacher cache and no teacher is configured: set teacher: MODEL")
-    check_tokenizer(None if cfg.teacher == "default" else cfg.teacher, meta, "teacher")
+    check_tokenizer(source_of(cfg.teacher), meta, "teacher")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     teacher = load_teacher(cfg, device)
     if meta["vocab_size"] > teacher.config.vocab_size:
@@ -77,7 +66,8 @@ def build_teacher_cache(cfg: TrainConfig, *, batch: int = 4, progress: bool = Tr
     k = min(k, teacher.config.vocab_size)
     identity = {"format": CACHE_FORMAT, "mode": cfg.cache_mode, "k": k, "seq_len": cfg.seq_len, "num_windows": n,
                 "vocab_size": teacher.config.vocab_size, "data_fingerprint": meta["fingerprint"],
-                "tokenizer_sha256": meta["tokenizer_sha256"], "teacher": cfg.teacher,
+                "tokenizer_sha256": meta["tokenizer_sha256"], "packing": cfg.packing,
+                "teacher": cfg.teacher, "teacher_quant": cfg.teacher_quant,
                 "sample_temperature": cfg.temperature if cfg.cache_mode == "sample" else None, "seed": cfg.seed}
     progress_path = out / "progress.json"
     done = 0
@@ -88,16 +78,14 @@ def build_teacher_cache(cfg: TrainConfig, *, batch: int = 4, progress: bool = Tr
     mode = "r+" if done else "w+"
     ids_mm = np.lib.format.open_memmap(out / "ids.npy", mode=mode, dtype=np.int32, shape=(n, cfg.seq_len, k))
     z_mm = np.lib.format.open_memmap(out / "logits.npy", mode=mode, dtype=np.float32, shape=(n, cfg.seq_len, k))
-    cap = teacher.config.final_logit_softcap
     bar = tqdm(total=n, initial=done, desc="teacher logits", unit=" windows", disable=not progress)
     with torch.no_grad():
         for start in range(done, n, batch):
             stop = min(n, start + batch)
-            tokens = windows.batch(range(start, stop)).tokens.to(device)
-            h = teacher.hidden_states(tokens)
+            b = windows.batch(range(start, stop)).to(device)
+            h = teacher.hidden_states(b.tokens, b.positions, segment_ids=b.segment_ids)
             for j, w in enumerate(range(start, stop)):  # one window at a time: [T, vocab] fp32 at most
-                z = (h[j] @ teacher.embed.weight.T).float()
-                z = z if cap is None else torch.tanh(z / cap) * cap
+                z = teacher.logits(h[j]).float()
                 if cfg.cache_mode == "topk":
                     vals, ids = z.topk(k, dim=-1)
                 else:  # seeded by window, so an interrupted cache resumes to identical contents
@@ -118,7 +106,7 @@ def build_teacher_cache(cfg: TrainConfig, *, batch: int = 4, progress: bool = Tr
 class TeacherCache:
     """Cached teacher logits, looked up by training window index."""
 
-    def __init__(self, path: str | Path, data_meta: dict, seq_len: int, num_windows: int):
+    def __init__(self, path: str | Path, data_meta: dict, seq_len: int, num_windows: int, packing: str = "segments"):
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
@@ -134,6 +122,10 @@ class TeacherCache:
         if self.meta["seq_len"] != seq_len:
             raise GemmaforgeError(f"teacher cache {path} has seq_len {self.meta['seq_len']}, the run {seq_len}: "
                                   "use the same seq_len or rebuild the cache")
+        built = self.meta.get("packing", "concat")  # caches from before segments saw whole windows
+        if built != packing:
+            raise GemmaforgeError(f"teacher cache {path} was built with packing: {built}, the run uses {packing}: "
+                                  "use the same packing or rebuild the cache")
         self.vocab_size = self.meta["vocab_size"]
         self.ids = np.load(path / "ids.npy", mmap_mode="r")
         self.logits = np.load(path / "logits.npy", mmap_mode="r")

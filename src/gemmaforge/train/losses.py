@@ -1,20 +1,24 @@
 """Chunked output-head losses: cross-entropy and distillation without a [B, T, vocab] tensor.
 
-With Gemma's 256k vocabulary one token's fp32 logits take 1 MB (REFERENCE.md section 6), so the
+With Gemma's 256k vocabulary one token's fp32 logits take 1 MB (docs/reference.md §6), so the
 head is applied ``chunk`` tokens at a time. Rather than keeping each chunk's logits for the backward
-(or recomputing them under torch.utils.checkpoint), the gradient is computed *in the forward*, in
-closed form, while the chunk's logits exist anyway -- the "fused linear cross-entropy" trick. Per
-token, with s = soft-capped student logits, p = softmax(s), p_tau = softmax(s / tau) and q the
-teacher's distribution at temperature tau:
+(or recomputing them under torch.utils.checkpoint), the gradient is computed *in the forward*, while
+the chunk's logits exist anyway -- the "fused linear cross-entropy" trick. Per token, with
+s = head(h) the soft-capped logits, p = softmax(s), p_tau = softmax(s / tau) and q the teacher's
+distribution at temperature tau:
 
     loss   = (1 - alpha) * CE(s, y)              + alpha * tau^2 * KD(q, s / tau)
     dL/ds  = (1 - alpha) * (p - onehot(y))       + alpha * tau   * (p_tau - q)
-    dL/dz  = dL/ds * (1 - (s / cap)^2)           (z = h @ E^T, s = cap * tanh(z / cap))
+
+dL/ds has this closed form; autograd takes it back through the head of that one chunk (the tied
+matmul and the final soft-cap: whatever ``head`` does, typically ``Gemma.logits``, the model's one
+definition of its output head) to the hidden states and the head's parameters, and the chunk's
+logits are dropped. The backward pass only scales the stored gradients.
 
 KD is the soft-target cross-entropy -sum q log p_tau, or the forward KL = that minus the entropy
-of q; both have the gradient above (REFERENCE.md section 6). tau^2 keeps the soft-target gradient's
-scale independent of tau (Hinton et al. 2015). Everything inside a chunk runs in fp32 with the final
-soft-cap applied; only the two matmuls run in ``compute_dtype`` (bf16 on GPU).
+of q; both have the gradient above (docs/reference.md §6). tau^2 keeps the soft-target gradient's
+scale independent of tau (Hinton et al. 2015). Everything after the head runs in fp32; the head runs
+in the ambient precision (bf16 under autocast).
 
 The teacher's distribution comes from ``teacher(rows) -> (ids, z)``: ``ids`` None and ``z`` [n, V]
 full logits (a live teacher), or ``ids``/``z`` [n, k] for cached logits (top-k, or Gemma 3 style
@@ -24,11 +28,14 @@ is exactly the full computation.
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Callable
 
 import torch
 
 TeacherFn = Callable[[slice], tuple[torch.Tensor | None, torch.Tensor]]
+Head = Callable[[torch.Tensor], torch.Tensor]  # hidden rows [m, D] -> soft-capped logits [m, V]
 
 
 def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -54,28 +61,117 @@ class _Buffers:
         return t[:m]
 
 
-class _FusedHeadLoss(torch.autograd.Function):
-    """sum over rows of the mixed loss; backward returns the gradients computed in forward."""
+def _apply_into(head: Head, hc: torch.Tensor, buf: _Buffers, m: int) -> torch.Tensor:
+    """head(hc) without autograd, written into a reused [chunk, vocab] buffer when the head takes
+    ``out=`` (``Gemma.logits`` does): the first chunk's fresh result becomes that buffer."""
+    t = buf._store.get("s")
+    if t is None or torch.is_autocast_enabled(hc.device.type):
+        s = head(hc)
+        if t is None and s.dim() == 2 and s.shape[0] == buf.rows and not torch.is_autocast_enabled(hc.device.type):
+            buf._store["s"] = s
+        return s
+    if "out" not in inspect.signature(head).parameters:  # asked, not caught: a TypeError inside stays one
+        return head(hc)
+    return head(hc, out=t[:m])
+
+
+def _may_need_grad(head: Head) -> bool:
+    owner = getattr(head, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        return any(p.requires_grad for p in owner.parameters())
+    return True
+
+
+def _tied_head(head: Head, h: torch.Tensor):
+    """(weight, cap) when ``head`` is a model's ``logits`` over a float tied table in fp32 without
+    autocast: its gradient is then taken back in closed form, in place, without autograd's fresh
+    [chunk, vocab] tensors (the forward values still come from ``head`` itself). None otherwise."""
+    owner = getattr(head, "__self__", None)
+    func = getattr(head, "__func__", None)
+    weight = getattr(getattr(owner, "embed", None), "weight", None)
+    if (func is None or getattr(type(owner), "logits", None) is not func or not isinstance(weight, torch.Tensor)
+            or type(owner.embed).head is not _float_head() or weight.dtype != torch.float32
+            or h.dtype != torch.float32 or torch.is_autocast_enabled(h.device.type)):
+        return None
+    return weight, owner.config.final_logit_softcap
+
+
+def _float_head():
+    from ..model import Embedding
+
+    return Embedding.head
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that ``t`` was computed from (a head's parameters)."""
+    found, seen, todo = [], set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):  # AccumulateGrad: the node of a leaf
+            found.append(fn.variable)
+        todo.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+class _Precomputed(torch.autograd.Function):
+    """``value`` with the gradients of ``inputs`` already known: backward scales and returns them."""
 
     @staticmethod
-    def forward(ctx, h, weight, labels, teacher, alpha, tau, kd_kind, chunk, softcap, compute_dtype, with_grad):
-        n, vocab = h.shape[0], weight.shape[0]
-        f32 = torch.float32
-        w = weight.to(compute_dtype)
-        grad_h = torch.empty(h.shape, dtype=f32, device=h.device) if with_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=f32, device=h.device) if with_grad else None
-        hard_sum = h.new_zeros((), dtype=f32)
-        kd_sum = h.new_zeros((), dtype=f32)
-        buf = _Buffers(min(chunk, max(n, 1)), h.device)
-        gw_buf = torch.empty_like(w) if with_grad and compute_dtype != f32 else None
-        for start in range(0, n, chunk):
-            rows = slice(start, min(n, start + chunk))
-            m = rows.stop - start
-            hc = h[rows].to(compute_dtype)
-            z = torch.matmul(hc, w.T, out=buf.get("z", m, vocab, compute_dtype))
-            s = z if compute_dtype == f32 else buf.get("s", m, vocab, f32).copy_(z)
-            if softcap is not None:
-                s.div_(softcap).tanh_().mul_(softcap)
+    def forward(ctx, value, grads, *inputs):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g = grad_out.float()  # the loss is linear in its upstream gradient, so scaling is exact
+        return None, None, *((gr * g).to(gr_dtype) for gr, gr_dtype in ctx.grads)
+
+
+def head_loss(h: torch.Tensor, head: Head, labels: torch.Tensor, *, teacher: TeacherFn | None = None,
+              alpha: float = 0.0, tau: float = 1.0, kd_kind: str = "kl", chunk: int = 1024):
+    """Summed loss over rows of ``h`` [n, D] (already selected: every row has a label), with
+    ``head(rows) -> logits`` applied ``chunk`` rows at a time -> (loss, hard CE sum, KD sum); the
+    last two are detached, for logging. ``loss`` backpropagates to ``h`` and the head's parameters."""
+    if alpha > 0.0 and teacher is None:
+        raise ValueError("alpha > 0 needs a teacher")
+    f32 = torch.float32
+    n = h.shape[0]
+    grad_on = torch.is_grad_enabled()
+    hd = h.detach()
+    hard_sum = hd.new_zeros((), dtype=f32)
+    kd_sum = hd.new_zeros((), dtype=f32)
+    buf = _Buffers(min(chunk, max(n, 1)), h.device)
+    grad_h = torch.empty(h.shape, dtype=f32, device=h.device) if grad_on and h.requires_grad else None
+    tied = _tied_head(head, hd)
+    params, grad_params = None, None
+    if tied is not None:
+        weight, cap = tied
+        params = [weight] if grad_on and weight.requires_grad else []
+        if grad_h is None and not params:
+            tied = None  # nothing needs a gradient: the plain no-grad path below (still buffered)
+    for start in range(0, max(n, 1), chunk):  # once even for n = 0, so the head's parameters get a gradient
+        rows = slice(start, min(n, start + chunk))
+        m = rows.stop - start
+        s_out = None
+        if tied is not None or not grad_on or not (h.requires_grad or _may_need_grad(head)):
+            hc = hd[rows]
+            with torch.no_grad():
+                s = _apply_into(head, hc, buf, m)
+            need_grad = tied is not None
+        else:
+            with torch.set_grad_enabled(grad_on):
+                hc = hd[rows].detach().requires_grad_(grad_h is not None)
+                s_out = head(hc)
+            if params is None:  # found once: the same head runs on every chunk
+                params = [p for p in _leaves(s_out) if p is not hc] if s_out.requires_grad else []
+            s = s_out.detach()
+            need_grad = s_out.requires_grad
+        with torch.no_grad():
+            s = s if s.dtype == f32 else buf.get("s32", m, s.shape[1], f32).copy_(s)
+            vocab = s.shape[1]
             y = labels[rows]
             g = buf.get("g", m, vocab, f32)
             lse = _softmax_into(s, g)  # g = p = softmax(s)
@@ -95,7 +191,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                     entropy_buf = buf.get("xlogx", m, q.shape[1], f32) if ids is None else None
                     kd = kd + torch.xlogy(q, q, out=entropy_buf).sum()
                 kd_sum += kd
-            if not with_grad:
+            if not need_grad:
                 continue
             # dL/ds = (1 - a) (p - onehot(y)) + a tau (p_tau - q), built in g
             if alpha > 0.0:
@@ -108,40 +204,35 @@ class _FusedHeadLoss(torch.autograd.Function):
                 else:
                     g.scatter_add_(1, ids, q * -(alpha * tau))
             g[torch.arange(m, device=g.device), y] -= 1.0 - alpha
-            if softcap is not None:  # dL/dz = dL/ds * (1 - (s / cap)^2); s is not needed any more
-                g.mul_(s.div_(softcap).square_().neg_().add_(1.0))
-            gz = g if compute_dtype == f32 else z.copy_(g)
-            grad_h[rows] = (gz @ w).float()
-            if compute_dtype == f32:
-                grad_w.addmm_(gz.T, hc)
-            else:
-                grad_w += torch.matmul(gz.T, hc, out=gw_buf)
-        loss = (1.0 - alpha) * hard_sum + alpha * tau**2 * kd_sum
-        if with_grad:
-            ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (h.dtype, weight.dtype)
-        ctx.mark_non_differentiable(hard_sum, kd_sum)
-        return loss, hard_sum, kd_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_hard, _grad_kd):
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        g = grad_loss.float()  # the loss is linear in its upstream gradient, so scaling is exact
-        return (grad_h * g).to(h_dtype), (grad_w * g).to(w_dtype), *([None] * 9)
-
-
-def head_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, softcap: float | None,
-              teacher: TeacherFn | None = None, alpha: float = 0.0, tau: float = 1.0, kd_kind: str = "kl",
-              chunk: int = 1024, compute_dtype: torch.dtype | None = None):
-    """Summed loss over rows of ``h`` [n, D] (already selected: every row has a label) ->
-    (loss, hard CE sum, KD sum); the last two are detached, for logging."""
-    if alpha > 0.0 and teacher is None:
-        raise ValueError("alpha > 0 needs a teacher")
-    compute_dtype = compute_dtype or h.dtype
-    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _FusedHeadLoss.apply(h, weight, labels, teacher, float(alpha), float(tau), kd_kind, int(chunk),
-                                softcap, compute_dtype, with_grad)
+            if tied is not None:  # through the head in place: s = cap tanh(z / cap), z = h W^T
+                if cap is not None:  # dL/dz = dL/ds (1 - (s / cap)^2); s is not needed any more
+                    g.mul_(s.div_(cap).square_().neg_().add_(1.0))
+                if grad_h is not None:
+                    torch.matmul(g, weight, out=grad_h[rows])
+                if params:
+                    if grad_params is None:
+                        grad_params = [torch.matmul(g.T, hc)]
+                    else:
+                        grad_params[0].addmm_(g.T, hc)
+                continue
+        wrt = ([hc] if grad_h is not None else []) + params
+        grads = torch.autograd.grad(s_out, wrt, g.to(s_out.dtype))
+        if grad_h is not None:
+            grad_h[rows] = grads[0]
+            grads = grads[1:]
+        if grad_params is None:  # the first chunk's gradients become the accumulators (no zero-fill)
+            grad_params = [gp.float() for gp in grads]
+        else:
+            for acc, gp in zip(grad_params, grads):
+                acc += gp
+    loss = (1.0 - alpha) * hard_sum + alpha * tau**2 * kd_sum
+    params = params or []
+    inputs = ([h] if grad_h is not None else []) + params
+    if inputs:
+        grads = [(grad_h, h.dtype)] if grad_h is not None else []
+        grads += [(g, p.dtype) for g, p in zip(grad_params, params)]
+        loss = _Precomputed.apply(loss, grads, *inputs)
+    return loss, hard_sum, kd_sum
 
 
 def select_rows(h: torch.Tensor, labels: torch.Tensor, ignore: int = -100):

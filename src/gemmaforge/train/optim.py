@@ -27,7 +27,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # fused=True runs the whole update as one kernel per dtype on GPU (REFERENCE.md section 9 anchor
+    # fused=True runs the whole update as one kernel per dtype on GPU (docs/reference.md §9 anchor
     # uses the eager loop); on CPU the default foreach path is the fast one.
     fused = True if device.type == "cuda" else None
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),

@@ -15,7 +15,7 @@ the bookkeeping cut to the minimum:
 When the step is compiled (``FastForward``):
 
 - CUDA, always, with ``mode="reduce-overhead"`` and ``kv_lens=None``: inductor fuses the element-wise
-  ops and CUDA graphs remove the per-kernel launch cost (REFERENCE.md section 9: HF's eager decode
+  ops and CUDA graphs remove the per-kernel launch cost (docs/reference.md §9: HF's eager decode
   is launch-bound at 29.6 tok/s against a ~500 tok/s bandwidth floor).
 - CPU, for quantized models: inductor turns the whole step (GEMVs included, quant.py) into a few
   C++ functions, so the ~60 eager ops per layer stop costing a dispatch each. That is what lets
@@ -41,8 +41,10 @@ import warnings
 
 import torch
 
+from ..attention import visible
 from ..kv_cache import KVCache
 from ..model import Gemma
+from ..quant import can_compile_cpu
 from ..rope import rope_cos_sin
 
 _NEG = torch.finfo(torch.float32).min  # as attention._NEG: finite, so softmax never sees -inf - -inf
@@ -51,13 +53,8 @@ _NEG = torch.finfo(torch.float32).min  # as attention._NEG: finite, so softmax n
 def _bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """[B, 1] query positions, [B, S] slot positions -> additive float32 mask [B, 1, 1, S].
 
-    The rule of ``attention.Mask``: key visible iff it is a real token, not in the future, and (local
-    layers) fewer than ``window`` positions back."""
-    d = q_pos - k_pos
-    ok = (k_pos >= 0) & (d >= 0)
-    if window is not None:
-        ok = ok & (d < window)
-    return torch.where(ok, 0.0, _NEG)[:, None, None, :]
+    The one visibility rule, ``attention.visible``."""
+    return torch.where(visible(q_pos, k_pos, window), 0.0, _NEG)[:, None, None, :]
 
 
 def _attend(q, k, v, bias, scale: float, cap: float | None, n: int | None = None) -> torch.Tensor:
@@ -82,30 +79,27 @@ def _attend(q, k, v, bias, scale: float, cap: float | None, n: int | None = None
 
 
 def embed_normalizer(model: Gemma) -> float:
-    """sqrt(hidden) rounded to the activation dtype first (48.0 in bf16 for 2B, REFERENCE.md 1), as a
+    """sqrt(hidden) rounded to the activation dtype first (48.0 in bf16 for 2B, docs/reference.md §1), as a
     Python float so a compiled step sees a constant."""
     return torch.tensor(model.config.embed_normalizer, dtype=model.final_norm.weight.dtype).item()
 
 
 def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                col: torch.Tensor, kv_lens: tuple[int, int] | None = None,
-                normalizer: float | None = None) -> torch.Tensor:
-    """tokens, positions [B, 1]; ``col`` [1] long: the cache column to write -> float32 logits [B, V].
+                kv_lens: tuple[int, int] | None = None, normalizer: float | None = None) -> torch.Tensor:
+    """tokens, positions [S, 1] for every pool row (position -1 = an idle row) -> float32 logits [S, V].
 
-    Writes this step's keys, values and positions into ``cache`` but leaves ``cache.length`` and
-    ``col`` to the caller (``FastForward.__call__``), so the function has no host-side state.
+    The cache does the writes (``decode_columns``, ``write``); the host-side lengths are left to the
+    caller (``FastForward.__call__``), so the function has no host-side state.
     """
     c = model.config
     h = model.embed(tokens) * (normalizer if normalizer is not None else embed_normalizer(model))
     rope = {True: rope_cos_sin(positions, model.inv_freq_local, h.dtype),
             False: rope_cos_sin(positions, model.inv_freq_global, h.dtype)}
-    ring_col = col % cache.window
-    cache.global_pos.index_copy_(1, col, positions)
-    cache.ring_pos.index_copy_(1, ring_col, positions)
-    # kv_lens = (global, ring) written slots: attend over those only. The ring fills slot =
-    # column % W, so before it wraps its written slots are a prefix too. The caller passes the ring's
-    # length rather than this function taking a min(): compiled, the lengths are symbolic ints, and
-    # a min() would guard on which side is smaller and recompile when the context outgrows the window.
+    global_cols, ring_cols = cache.decode_columns(positions)
+    # kv_lens = (global, ring) slots to attend over: the longest row's length, and that capped at the
+    # ring. The caller passes both rather than this function taking a min(): compiled, the lengths
+    # are symbolic ints, and a min() would guard on which side is smaller and recompile when the
+    # context outgrows the window.
     kv_len, ring_len = (None, None) if kv_lens is None else kv_lens
     global_pos = cache.global_pos if kv_len is None else cache.global_pos[:, :kv_len]
     ring_pos = cache.ring_pos if ring_len is None else cache.ring_pos[:, :ring_len]
@@ -113,113 +107,97 @@ def decode_step(model: Gemma, tokens: torch.Tensor, positions: torch.Tensor, cac
     for i, block in enumerate(model.layers):
         local = c.is_local(i)
         q, k, v = block.attn.qkv(block.attn_norm(h), rope[local])
-        ck, cv = cache.k[i], cache.v[i]
-        slot = ring_col if local else col
-        ck.index_copy_(2, slot, k)
-        cv.index_copy_(2, slot, v)
-        y = _attend(q, ck, cv, bias[local], c.attn_scale, c.attn_logit_softcap, ring_len if local else kv_len)
+        cache.write(i, k, v, ring_cols if local else global_cols)
+        y = _attend(q, cache.k[i], cache.v[i], bias[local], c.attn_scale, c.attn_logit_softcap,
+                    ring_len if local else kv_len)
         h = block.mlp_residual(h + block.post_attn_norm(block.attn.out(y)))
     return model.logits(model.final_norm(h)[:, 0]).float()
 
 
 class FastForward:
-    """``(tokens, positions, cache) -> float32 logits [B, V]`` of the last column: the contract of
-    ``Engine._forward``. Decode columns take ``decode_step`` (compiled + CUDA graphs on CUDA),
-    prefill chunks ``Gemma.hidden_states``.
+    """``(tokens, positions, cache, rows, columns) -> float32 logits``: the contract of
+    ``Engine._forward``. A decode step over the whole pool ([S, 1]) takes ``decode_step`` (compiled,
+    plus CUDA graphs on CUDA); anything else (prefill chunks, a slice of the pool, several columns
+    to verify or score) takes ``Gemma.hidden_states``, and only the requested columns go through
+    the output head.
 
     ``compile``: None = on CUDA, and on CPU for a quantized model (module docstring); ``mode``: None =
     "reduce-overhead" on CUDA (CUDA graphs), "default" elsewhere. With CUDA graphs the caches must
     stay at fixed addresses (graphs replay recorded pointers): caches are marked static the first
-    time they are seen, and each new cache shape costs one compilation (``new_cache`` rounds lengths
-    up and reuses caches to limit that). On CPU the cache length is dynamic instead.
+    time they are seen, and each new pool shape costs one compilation (``new_cache`` rounds lengths
+    up and reuses pools to limit that). On CPU the lengths are dynamic instead.
     """
 
     def __init__(self, model: Gemma, *, compile: bool | None = None, mode: str | None = None):
-        self.model = model.eval()
+        self.model = model
         device = model.final_norm.weight.device
         if compile is None:
             compile = device.type == "cuda" or bool(getattr(model, "quantization", None))
+        if compile and device.type == "cpu" and not can_compile_cpu():
+            # Checked up front, not caught after the fact: a compile error is then a real bug.
+            warnings.warn("no C++ compiler found (g++, c++ or clang++): the decode step runs eagerly")
+            compile = False
         mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
         self.compile = compile
         self.graphs = compile and mode in ("reduce-overhead", "max-autotune")  # the CUDA-graph modes
         self.normalizer = embed_normalizer(model)
         self._step = decode_step
         if compile:
-            # Without CUDA graphs, sizes are symbolic (kv_len, the cache length, the batch): one
+            # Without CUDA graphs, sizes are symbolic (kv_len, the cache length, the pool size): one
             # compilation serves a whole chat. Weights keep static shapes (inductor's default).
             self._step = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=not self.graphs)
             # No duck sizing: it would give two lengths that happen to be equal on the first call
             # (global and ring, before the ring fills) one symbol, and recompile once they differ.
             self._step = torch.fx.experimental._config.patch(use_duck_shape=False)(self._step)
-        self._compiled = False  # a compiled step has run (after that, errors are not compile errors)
-        self._cols: dict[int, tuple[KVCache, torch.Tensor, int]] = {}
-        self._pool: dict[tuple[int, int], KVCache] = {}
+        self._static: set[int] = set()
+        self._pool: dict[tuple[int, int, int], KVCache] = {}
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A cache for one generation.
+    def new_cache(self, num_rows: int, max_len: int, slack: int = 0) -> KVCache:
+        """A cache for the engine.
 
-        CUDA graphs: lengths rounded up to 256 and caches reused per shape (a new tensor would mean
-        a new graph), so one FastForward serves one generation at a time. Compiled without graphs:
-        at least a window long, so that the local layers' rings always hold ``sliding_window`` slots
+        CUDA graphs: lengths rounded up to 256 and pools reused per shape (a new tensor would mean
+        a new graph), so one FastForward serves one pool at a time. Compiled without graphs: at
+        least a window long, so that the local layers' rings always hold the same number of slots
         and only the global length varies (a dynamic dimension: no recompilation per length)."""
-        if not self.compile:
-            return self.model.new_cache(batch_size, max_len)
         c = self.model.config
+        if not self.compile:
+            return self.model.new_cache(num_rows, max_len, slack)
         if not self.graphs:
-            cache = self.model.new_cache(batch_size, min(max(max_len, c.sliding_window), c.max_position_embeddings),
-                                         spare=1)
-            # The ring length is the constant window. Marked static, or dynamo's "duck sizing"
-            # would tie it to a global length that happens to be equal, and recompile later.
+            max_len = min(max(max_len, c.sliding_window + slack), c.max_position_embeddings)
+            cache = self.model.new_cache(num_rows, max_len, slack)
+            # The ring length is a constant. Marked static, or dynamo's "duck sizing" would tie it
+            # to a global length that happens to be equal, and recompile later.
             for i in range(c.num_layers):
                 if c.is_local(i):
                     torch._dynamo.mark_static(cache.k[i], 2)
                     torch._dynamo.mark_static(cache.v[i], 2)
             torch._dynamo.mark_static(cache.ring_pos, 1)
             return cache
-        max_len = min(-(-max_len // 256) * 256, self.model.config.max_position_embeddings)
-        cache = self._pool.get((batch_size, max_len))
+        max_len = min(-(-max_len // 256) * 256, c.max_position_embeddings)
+        cache = self._pool.get((num_rows, max_len, slack))
         if cache is None:
-            cache = self._pool[batch_size, max_len] = self.model.new_cache(batch_size, max_len)
+            cache = self._pool[num_rows, max_len, slack] = self.model.new_cache(num_rows, max_len, slack)
         cache.reset()
         return cache
 
-    def _column(self, cache: KVCache) -> torch.Tensor:
-        """The device-side copy of ``cache.length``; re-read from the host only after a prefill."""
-        entry = self._cols.get(id(cache))
-        if entry is None or entry[0] is not cache:
-            if self.graphs:
-                for t in [*cache.k, *cache.v, cache.global_pos, cache.ring_pos]:
-                    torch._dynamo.mark_static_address(t)
-            entry = (cache, torch.tensor([cache.length], device=cache.global_pos.device), cache.length)
-        elif entry[2] != cache.length:
-            entry[1].fill_(cache.length)
-            entry = (cache, entry[1], cache.length)
-        self._cols = {id(cache): entry}  # only the newest cache is tracked
-        return entry[1]
-
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if tokens.shape[1] > 1:
-            h = self.model.hidden_states(tokens, positions, cache)
-            return self.model.logits(h[:, -1]).float()
-        if cache.length + 1 > cache.max_len:
-            raise ValueError(f"KV cache full: {cache.length} + 1 tokens > max_len {cache.max_len}")
-        col = self._column(cache)
-        n = cache.length + 1
-        kv_lens = None if self.graphs else (n, min(n, cache.window))
-        try:
-            logits = self._step(self.model, tokens, positions, cache, col, kv_lens, self.normalizer)
-        except Exception as e:  # noqa: BLE001 - a missing C++ compiler surfaces as whatever inductor raises
-            if not self.compile or self._compiled or self.graphs:
-                raise
-            warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); "
-                          "running it eagerly")
-            self.compile, self._step = False, decode_step
-            logits = decode_step(self.model, tokens, positions, cache, col, kv_lens, self.normalizer)
-        self._compiled = self.compile
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice | None = None,
+                 columns: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """Logits of the last column [B, V] (``columns`` None) or of the given columns [B, C, V]."""
+        whole_pool = rows is None or rows.indices(cache.num_rows) == (0, cache.num_rows, 1)
+        if tokens.shape[1] > 1 or not whole_pool or columns is not None:
+            h = self.model.hidden_states(tokens, positions, cache, rows=rows)
+            return self.model.logits(h[:, -1] if columns is None else h[:, columns]).float()
+        if max(cache.lengths) + 1 > cache.max_len:
+            raise ValueError(f"KV cache full: {max(cache.lengths)} + 1 tokens > max_len {cache.max_len}")
+        if self.graphs and id(cache) not in self._static:
+            for t in [*cache.k, *cache.v, cache.global_pos, cache.ring_pos]:
+                torch._dynamo.mark_static_address(t)
+            self._static.add(id(cache))
+        n = max(cache.lengths) + 1
+        kv_lens = None if self.graphs else (n, min(n, cache.ring))
+        logits = self._step(self.model, tokens, positions, cache, kv_lens, self.normalizer)
         if self.graphs:
             logits = logits.clone()  # CUDA graph outputs are overwritten by the next replay
-        col.add_(1)
-        cache.length += 1
-        self._cols[id(cache)] = (cache, col, cache.length)
+        cache.advance(positions[:, 0].tolist())
         return logits

@@ -1,4 +1,4 @@
-"""Text in, text out: ``gemmaforge.generate`` and ``gemmaforge.stream``.
+"""Text in, text out: ``gemmaforge.generation`` and ``gemmaforge.stream``.
 
     model, tok = gemmaforge.load(None), gemmaforge.load_tokenizer(None)
     gemmaforge.generate(model, tok, ["The capital of France is"], max_new_tokens=8)
@@ -6,7 +6,7 @@
         print(piece, end="", flush=True)
 
 This layer owns everything textual: encoding (plain, or wrapped in the chat template), the stop ids
-of the tokenizer (``<eos>``, and ``<end_of_turn>`` for instruction-tuned models; REFERENCE.md
+of the tokenizer (``<eos>``, and ``<end_of_turn>`` for instruction-tuned models; docs/reference.md
 section 4), and stop *strings*. The token-level work is ``Engine``'s.
 
 Streaming text has two hazards, both handled by ``TextStream``: a character spelled by several
@@ -117,7 +117,7 @@ def sampling_params(params: SamplingParams | None = None, **sampling) -> Samplin
 
 
 def _engine(model: Gemma | Engine) -> Engine:
-    return model if isinstance(model, Engine) else Engine(model)
+    return model if isinstance(model, Engine) else Engine.for_model(model)
 
 
 # ---- the public functions ---------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Evaluation of language models: perplexity (perplexity.py), the one implementation every caller uses."""
