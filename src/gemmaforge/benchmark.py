@@ -332,6 +332,7 @@ class Artifacts:
     gguf: dict[str, str] = field(default_factory=dict)  # llama.cpp precision -> file
     source_label: str | None = None  # e.g. "Q4_K_M" for the embedded GGUF
     unavailable: dict[str, str] = field(default_factory=dict)  # llama.cpp precision -> why no file
+    tokenizer: str | None = None  # the source's own file or directory, for the perplexity text
 
 
 def prepare_artifacts(source, workdir: Path, variants: tuple[str, ...]) -> Artifacts:
@@ -354,6 +355,7 @@ def prepare_artifacts(source, workdir: Path, variants: tuple[str, ...]) -> Artif
 
         src = default_model_path()
     is_gguf = src is not None and src.is_file() and src.suffix == ".gguf"
+    art.tokenizer = str(src) if src is not None and src.exists() else None
     for v in variants:
         backend, precision = parse_variant(v)
         if backend != "llama.cpp":
@@ -389,7 +391,7 @@ def _ppl_ids(art: Artifacts, s: BenchSettings) -> list[int] | None:
         return None
     from .tokenizer import load_tokenizer
 
-    src = art.gguf.get("source") or art.hf_dir
+    src = art.tokenizer or art.gguf.get("source") or art.hf_dir
     try:
         tok = load_tokenizer(src)
     except GemmaforgeError:

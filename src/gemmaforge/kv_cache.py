@@ -197,8 +197,12 @@ class KVCache:
         return global_cols, ring_cols
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor) -> None:
-        """k, v [S, Hkv, T, D] into the whole pool at ``cols`` [S, T] (from ``decode_columns``)."""
-        self._scatter(self.k[layer], self.v[layer], k, v, cols)
+        """k, v [S, Hkv, T, D] into the whole pool at ``cols`` [S, T] (from ``decode_columns``).
+        An index_put over (row, column) pairs: inductor lowers it to one indirect store, cheaper in
+        the compiled step than a scatter along an expanded index."""
+        rows = torch.arange(k.shape[0], device=cols.device)[:, None]
+        self.k[layer][rows, :, cols] = k.transpose(1, 2)
+        self.v[layer][rows, :, cols] = v.transpose(1, 2)
 
     def advance(self, positions: list[int]) -> None:
         """Host bookkeeping after a decode step: row r now holds positions[r] + 1 tokens (-1: idle)."""

@@ -113,8 +113,8 @@ def _materialize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [1, K] float32, q [N, K] int8 -> [1, N]: written as a reduction so that inductor emits one
-    streaming loop (int8 load, convert, fused multiply-add), float32 throughout."""
+    """x [M, K] float32 (M small), q [N, K] int8 -> [M, N]: written as a reduction so that inductor
+    emits one streaming loop (int8 load, convert, fused multiply-add), float32 throughout."""
     return (x[:, None, :] * q).sum(-1) * scale
 
 
@@ -130,6 +130,11 @@ def can_compile_cpu() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
+# float32, fewer rows than this (batched decode): the GEMV reduction, which reads the int8 weight once
+# per row; from here on (prefill) converting the weight to float32 once and one sgemm is cheaper.
+_SGEMM_MIN_ROWS = 16
+
+
 def _round_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).float()
 
@@ -138,8 +143,8 @@ class Int8Linear(nn.Module):
     """y = x @ (q * scale).T, never materialising the float weight of the whole layer for one row.
 
     Which kernel (measured on 2 cores, docs/benchmarks.md), by activation precision:
-      float32, one row     a GEMV written as a reduction, compiled (eagerly: its own small graph)
-      float32, more rows   dequantize to float32 and sgemm (converting costs less than the rows save)
+      float32, < 16 rows   a GEMV written as a reduction, compiled (eagerly: its own small graph)
+      float32, >= 16 rows  dequantize to float32 and sgemm (converting costs less than the rows save)
       bfloat16, any rows   torch._weight_int8pack_mm (bf16 in and out, float32 accumulation)
       other devices        dequantize to the activation dtype, then F.linear
     """
@@ -170,7 +175,7 @@ class Int8Linear(nn.Module):
                 x, scale = _materialize(x), _materialize(scale)
             return torch._weight_int8pack_mm(x, self.qweight, scale).float()
         x = x.float()
-        if x.shape[0] == 1:
+        if x.shape[0] < _SGEMM_MIN_ROWS:
             if compiling:
                 return _int8_gemv(_materialize(x), self.qweight, self.scale)
             if not torch.is_grad_enabled() and can_compile_cpu():
