@@ -17,8 +17,8 @@ from transformers.generation.logits_process import (
 
 from gemmaforge import GemmaforgeError, SamplingParams
 from gemmaforge.generation import sampling
+from gemmaforge.generation.sampler import Sampler
 from gemmaforge.generation.sampling import (
-    Sampler,
     apply_min_p,
     apply_presence_frequency_penalty,
     apply_repetition_penalty,

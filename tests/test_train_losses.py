@@ -34,7 +34,7 @@ def test_chunked_cross_entropy_matches_full_autograd(name, chunk):
     model.zero_grad()
 
     rows, y, _ = select_rows(model.hidden_states(tokens), labels)
-    loss, hard, kd = head_loss(rows, model.logits, y, chunk=chunk)
+    loss, hard, kd = head_loss(rows, model, y, chunk=chunk)
     loss.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(hard, ref, rtol=1e-5, atol=1e-4)
@@ -74,7 +74,7 @@ def test_cached_topk_with_k_equal_vocab_is_exact(kind, alpha, tau):
     vals, ids = z_full.topk(student.config.vocab_size, dim=-1)  # a full-size "cache", sorted by logit
     rows, y, index = select_rows(student.hidden_states(tokens), labels)
     ids, vals = (c.flatten(0, 1).index_select(0, index) for c in (ids, vals))
-    loss, hard, soft = head_loss(rows, student.logits, y, teacher=lambda r: (ids[r], vals[r]), alpha=alpha, tau=tau,
+    loss, hard, soft = head_loss(rows, student, y, teacher=lambda r: (ids[r], vals[r]), alpha=alpha, tau=tau,
                                  kd_kind=kind, chunk=7)
     loss.backward()
     torch.testing.assert_close(hard, ref_hard, rtol=1e-5, atol=1e-4)
@@ -93,7 +93,7 @@ def test_live_teacher_full_logits_match_reference():
     ref, _, _ = _reference_distill(student(tokens), z_full, labels, 0.5, 1.5, "kl")
     rows, y, index = select_rows(student.hidden_states(tokens), labels)
     zt = z_full.flatten(0, 1).index_select(0, index)
-    loss, _, _ = head_loss(rows, student.logits, y, teacher=lambda r: (None, zt[r]), alpha=0.5, tau=1.5, chunk=4)
+    loss, _, _ = head_loss(rows, student, y, teacher=lambda r: (None, zt[r]), alpha=0.5, tau=1.5, chunk=4)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
 
 
@@ -109,7 +109,7 @@ def test_topk_truncation_differs_from_full_but_is_renormalised():
         for k in (8, student.config.vocab_size):
             vals, ids = z_full.topk(k, dim=-1)
             ids, vals = (c.flatten(0, 1).index_select(0, index) for c in (ids, vals))
-            losses[k] = head_loss(rows, student.logits, y, teacher=lambda r: (ids[r], vals[r]), alpha=1.0,
+            losses[k] = head_loss(rows, student, y, teacher=lambda r: (ids[r], vals[r]), alpha=1.0,
                                   kd_kind="soft_ce")[0]
     assert abs(losses[8] - losses[student.config.vocab_size]) > 1e-3
 
@@ -140,7 +140,7 @@ def test_bf16_compute_is_close_to_fp32():
     model, tokens, labels = _setup("tiny-gemma2", seed=6)
     rows, y, _ = select_rows(model.hidden_states(tokens), labels)
     with torch.no_grad():
-        fp32 = head_loss(rows, model.logits, y, chunk=5)[0]
+        fp32 = head_loss(rows, model, y, chunk=5)[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the head's matmul in bf16, the loss in fp32
-            bf16 = head_loss(rows, model.logits, y, chunk=5)[0]
+            bf16 = head_loss(rows, model, y, chunk=5)[0]
     torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=0)

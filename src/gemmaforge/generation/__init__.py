@@ -4,7 +4,8 @@ text API (``api.py``)."""
 
 from .api import TextStream, encode_prompt, generate, stream
 from .engine import Engine
-from .sampling import Sampler, SamplingParams, sample
+from .sampler import Sampler
+from .sampling import SamplingParams, sample
 from .scheduler import Event, Request, Scheduler, Sequence
 
 __all__ = ["Engine", "Event", "Request", "Sampler", "SamplingParams", "Scheduler", "Sequence", "TextStream",

@@ -15,6 +15,7 @@ hook ``_forward``), so a faster engine overrides one method.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Collection, Iterator, Sequence
 
@@ -100,7 +101,7 @@ class Engine:
 
         ``stop_ids``: ids shared by all rows, or one collection per row. ``max_new_tokens``: overrides
         ``params.max_new_tokens``, for all rows or per row. Row i is its own request with seed
-        ``params.seed + i`` (sampling.Sampler), so its tokens do not depend on the other rows. The
+        ``params.seed + i`` (sampler.Sampler), so its tokens do not depend on the other rows. The
         stop token itself is yielded (as in HF ``generate``). Bad input raises here; the work starts at the first
         ``next()``, and closing the iterator early (``break``) stops it.
         """
@@ -119,7 +120,7 @@ class Engine:
         seqs = []
         for i, (p, budget, stop) in enumerate(zip(prompts, budgets, stops)):
             seed = None if params.seed is None else (params.seed + i) % 2**63
-            row_params = params if seed == params.seed else _with_seed(params, seed)
+            row_params = params if seed == params.seed else dataclasses.replace(params, seed=seed)
             seqs += sched.submit(Request(list(p), row_params, stop, budget))
         yielded = 0
         while True:
@@ -200,8 +201,3 @@ class Engine:
             raise GemmaforgeError(f"got stop ids for {len(stop_ids)} rows but {b} prompts: give one set per prompt")
         return [frozenset(s) for s in stop_ids] if per_row else [frozenset(stop_ids)] * b
 
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(params, seed=seed)

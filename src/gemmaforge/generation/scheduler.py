@@ -14,7 +14,7 @@ One ``step()`` runs
                 (idle rows ride along with position -1: the pool's shape never changes)
     prefill     at most one chunk of one prompt; when the prompt is complete its row samples the
                 first token, and a request of n samples forks the prefilled row into n rows
-    sample      per-row settings and randomness (sampling.Sampler), so a row's tokens depend only
+    sample      per-row settings and randomness (sampler.Sampler), so a row's tokens depend only
                 on its own request and seed, never on what else is in the batch
     retire      rows that hit a stop id or their budget leave the pool (cache.free, clear_row)
 
@@ -24,6 +24,7 @@ sequence. Every model call goes through ``engine.forward``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import GemmaforgeError
-from .sampling import Sampler, SamplingParams, row_seed
+from .sampler import Sampler
+from .sampling import SamplingParams, row_seed
 
 _ids = itertools.count()
 
@@ -100,7 +102,7 @@ class Scheduler:
             raise GemmaforgeError(f"the prompt has {len(request.prompt)} tokens, which fills the cache "
                                   f"({self.max_len}): shorten it")
         stop = request.stop_ids | frozenset(request.params.stop_token_ids)
-        request = request if stop == request.stop_ids else _replace_stop(request, stop)
+        request = request if stop == request.stop_ids else dataclasses.replace(request, stop_ids=stop)
         seqs = [Sequence(request, i, row_seed(request.params.seed, i), budget) for i in range(request.n)]
         self.waiting.append(seqs)
         self._want_logprob |= request.params.logprobs > 0
@@ -214,6 +216,3 @@ class Scheduler:
         self.rows[seq.row] = None
         seq.row = None
 
-
-def _replace_stop(request: Request, stop: frozenset[int]) -> Request:
-    return Request(request.prompt, request.params, stop, request.max_new_tokens, request.n, request.id)

@@ -28,14 +28,12 @@ is exactly the full computation.
 
 from __future__ import annotations
 
-import inspect
 
 from typing import Callable
 
 import torch
 
 TeacherFn = Callable[[slice], tuple[torch.Tensor | None, torch.Tensor]]
-Head = Callable[[torch.Tensor], torch.Tensor]  # hidden rows [m, D] -> soft-capped logits [m, V]
 
 
 def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -61,59 +59,26 @@ class _Buffers:
         return t[:m]
 
 
-def _apply_into(head: Head, hc: torch.Tensor, buf: _Buffers, m: int) -> torch.Tensor:
-    """head(hc) without autograd, written into a reused [chunk, vocab] buffer when the head takes
-    ``out=`` (``Gemma.logits`` does): the first chunk's fresh result becomes that buffer."""
-    t = buf._store.get("s")
-    if t is None or torch.is_autocast_enabled(hc.device.type):
-        s = head(hc)
-        if t is None and s.dim() == 2 and s.shape[0] == buf.rows and not torch.is_autocast_enabled(hc.device.type):
-            buf._store["s"] = s
-        return s
-    if "out" not in inspect.signature(head).parameters:  # asked, not caught: a TypeError inside stays one
-        return head(hc)
-    return head(hc, out=t[:m])
-
-
-def _may_need_grad(head: Head) -> bool:
-    owner = getattr(head, "__self__", None)
-    if isinstance(owner, torch.nn.Module):
-        return any(p.requires_grad for p in owner.parameters())
-    return True
-
-
-def _tied_head(head: Head, h: torch.Tensor):
-    """(weight, cap) when ``head`` is a model's ``logits`` over a float tied table in fp32 without
+def _tied_head(model, h: torch.Tensor):
+    """(weight, cap) when the model's head is a float tied table and the chunk runs in fp32 without
     autocast: its gradient is then taken back in closed form, in place, without autograd's fresh
-    [chunk, vocab] tensors (the forward values still come from ``head`` itself). None otherwise."""
-    owner = getattr(head, "__self__", None)
-    func = getattr(head, "__func__", None)
-    weight = getattr(getattr(owner, "embed", None), "weight", None)
-    if (func is None or getattr(type(owner), "logits", None) is not func or not isinstance(weight, torch.Tensor)
-            or type(owner.embed).head is not _float_head() or weight.dtype != torch.float32
-            or h.dtype != torch.float32 or torch.is_autocast_enabled(h.device.type)):
-        return None
-    return weight, owner.config.final_logit_softcap
-
-
-def _float_head():
+    [chunk, vocab] tensors (the forward values still come from ``model.logits``). None otherwise
+    (a quantized table has no gradient to take; bf16 goes through autograd)."""
     from ..model import Embedding
 
-    return Embedding.head
+    weight = getattr(model.embed, "weight", None)
+    if (type(model.embed) is not Embedding or weight.dtype != torch.float32 or h.dtype != torch.float32
+            or torch.is_autocast_enabled(h.device.type)):
+        return None
+    return weight, model.config.final_logit_softcap
 
 
-def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
-    """The leaf tensors requiring grad that ``t`` was computed from (a head's parameters)."""
-    found, seen, todo = [], set(), [t.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if hasattr(fn, "variable"):  # AccumulateGrad: the node of a leaf
-            found.append(fn.variable)
-        todo.extend(f for f, _ in fn.next_functions)
-    return found
+def _logits_into(model, hc: torch.Tensor, buf: _Buffers, m: int) -> torch.Tensor:
+    """``model.logits(hc)`` without autograd, into a reused fp32 [chunk, vocab] buffer when the chunk
+    is fp32 and autocast is off (else whatever dtype the head computes in)."""
+    if hc.dtype != torch.float32 or torch.is_autocast_enabled(hc.device.type):
+        return model.logits(hc)
+    return model.logits(hc, out=buf.get("s", m, model.config.vocab_size, torch.float32))
 
 
 class _Precomputed(torch.autograd.Function):
@@ -130,11 +95,12 @@ class _Precomputed(torch.autograd.Function):
         return None, None, *((gr * g).to(gr_dtype) for gr, gr_dtype in ctx.grads)
 
 
-def head_loss(h: torch.Tensor, head: Head, labels: torch.Tensor, *, teacher: TeacherFn | None = None,
+def head_loss(h: torch.Tensor, model, labels: torch.Tensor, *, teacher: TeacherFn | None = None,
               alpha: float = 0.0, tau: float = 1.0, kd_kind: str = "kl", chunk: int = 1024):
-    """Summed loss over rows of ``h`` [n, D] (already selected: every row has a label), with
-    ``head(rows) -> logits`` applied ``chunk`` rows at a time -> (loss, hard CE sum, KD sum); the
-    last two are detached, for logging. ``loss`` backpropagates to ``h`` and the head's parameters."""
+    """Summed loss over rows of ``h`` [n, D] (already selected: every row has a label), with the
+    model's output head (``model.logits``: tied table and final soft-cap) applied ``chunk`` rows at a
+    time -> (loss, hard CE sum, KD sum); the last two are detached, for logging. ``loss``
+    backpropagates to ``h`` and the head's parameters (the tied table's, if it has any)."""
     if alpha > 0.0 and teacher is None:
         raise ValueError("alpha > 0 needs a teacher")
     f32 = torch.float32
@@ -145,30 +111,27 @@ def head_loss(h: torch.Tensor, head: Head, labels: torch.Tensor, *, teacher: Tea
     kd_sum = hd.new_zeros((), dtype=f32)
     buf = _Buffers(min(chunk, max(n, 1)), h.device)
     grad_h = torch.empty(h.shape, dtype=f32, device=h.device) if grad_on and h.requires_grad else None
-    tied = _tied_head(head, hd)
-    params, grad_params = None, None
+    tied = _tied_head(model, hd)
+    params = [p for p in model.embed.parameters() if p.requires_grad] if grad_on else []
+    grad_params = None
     if tied is not None:
         weight, cap = tied
-        params = [weight] if grad_on and weight.requires_grad else []
         if grad_h is None and not params:
             tied = None  # nothing needs a gradient: the plain no-grad path below (still buffered)
     for start in range(0, max(n, 1), chunk):  # once even for n = 0, so the head's parameters get a gradient
         rows = slice(start, min(n, start + chunk))
         m = rows.stop - start
         s_out = None
-        if tied is not None or not grad_on or not (h.requires_grad or _may_need_grad(head)):
+        if tied is not None or (grad_h is None and not params):
             hc = hd[rows]
             with torch.no_grad():
-                s = _apply_into(head, hc, buf, m)
+                s = _logits_into(model, hc, buf, m)
             need_grad = tied is not None
         else:
-            with torch.set_grad_enabled(grad_on):
-                hc = hd[rows].detach().requires_grad_(grad_h is not None)
-                s_out = head(hc)
-            if params is None:  # found once: the same head runs on every chunk
-                params = [p for p in _leaves(s_out) if p is not hc] if s_out.requires_grad else []
+            hc = hd[rows].detach().requires_grad_(grad_h is not None)
+            s_out = model.logits(hc)
             s = s_out.detach()
-            need_grad = s_out.requires_grad
+            need_grad = True
         with torch.no_grad():
             s = s if s.dtype == f32 else buf.get("s32", m, s.shape[1], f32).copy_(s)
             vocab = s.shape[1]
@@ -226,7 +189,6 @@ def head_loss(h: torch.Tensor, head: Head, labels: torch.Tensor, *, teacher: Tea
             for acc, gp in zip(grad_params, grads):
                 acc += gp
     loss = (1.0 - alpha) * hard_sum + alpha * tau**2 * kd_sum
-    params = params or []
     inputs = ([h] if grad_h is not None else []) + params
     if inputs:
         grads = [(grad_h, h.dtype)] if grad_h is not None else []

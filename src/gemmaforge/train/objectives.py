@@ -72,7 +72,7 @@ class CrossEntropy(Objective):
 
     def loss(self, batch: Batch) -> LossSums:
         rows, y, _ = select_rows(self.hidden(self.student, batch), batch.labels, IGNORE)
-        loss, hard, _ = head_loss(rows, self.student.logits, y, chunk=self.chunk)
+        loss, hard, _ = head_loss(rows, self.student, y, chunk=self.chunk)
         return LossSums(loss, {"ce": hard})
 
 
@@ -128,6 +128,6 @@ class Distillation(Objective):
     def loss(self, batch: Batch) -> LossSums:
         rows, y, index = select_rows(self.hidden(self.student, batch), batch.labels, IGNORE)
         teacher = self.teacher.distribution(self, batch, index)
-        loss, hard, kd = head_loss(rows, self.student.logits, y, teacher=teacher, alpha=self.alpha, tau=self.tau,
+        loss, hard, kd = head_loss(rows, self.student, y, teacher=teacher, alpha=self.alpha, tau=self.tau,
                                    kd_kind=self.kind, chunk=self.chunk)
         return LossSums(loss, {"ce": hard, self.kind: kd})
