@@ -21,8 +21,8 @@ import time
 import torch
 
 from gemmaforge import Gemma, preset
-from gemmaforge.train.config import TrainConfig
-from gemmaforge.train.loop import Objective
+from gemmaforge.train.batches import Batch
+from gemmaforge.train.objectives import CrossEntropy
 
 ANCHORS = {  # HF transformers 5.17, torch 2.11, one H100, eager attention (docs/reference.md §9)
     "1x2048": {"tok_per_s": 12419, "mfu": 0.197, "peak_gib": 36.7},
@@ -56,17 +56,16 @@ def bench_shape(config, batch: int, seq: int, args, device) -> dict:
     model = build(config, device, dtype)
     model.activation_checkpointing = not args.no_checkpointing
     autocast = device.type == "cuda" and dtype == torch.float32  # fp32 master weights -> bf16 compute
-    compute = torch.bfloat16 if (autocast or dtype == torch.bfloat16) else dtype
-    objective = Objective(model, cfg=TrainConfig(loss_chunk=args.loss_chunk, attn_impl=args.attn_impl),
-                          compute_dtype=compute)
+    objective = CrossEntropy(model, chunk=args.loss_chunk, attn_impl=args.attn_impl)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=g).to(device)
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    data = Batch(tokens[:, :-1], tokens[:, 1:])
+    n = data.label_count()
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, _, _, n = objective(inputs, labels)
+            loss = objective(data).loss
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

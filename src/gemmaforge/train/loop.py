@@ -30,11 +30,10 @@ import torch
 import torch.nn as nn
 
 from ..eval.perplexity import Perplexity
-from .batches import IGNORE, Batch
+from .batches import IGNORE
 from .checkpointing import export_model, full_model_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import all_reduce_sum, cleanup, full_tensor, setup
-from .objectives import CrossEntropy
 from .optim import lr_at, set_lr
 from .recipes import Recipe, recipe_for
 from .setup import Run, start
@@ -146,18 +145,3 @@ def _clip(model: nn.Module, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     return full_tensor(norm)
 
-
-class Objective(CrossEntropy):
-    """The pre-split interface ``Objective(model, cfg=...)(tokens, labels) -> (loss, ce, kd, n)``, kept
-    for bench/train_gpu.py (outside train/); new code uses objectives.CrossEntropy directly."""
-
-    def __init__(self, student, teacher=None, cfg: TrainConfig | None = None, compute_dtype=None):
-        if teacher is not None:
-            raise ValueError("a teacher needs objectives.Distillation")
-        cfg = cfg or TrainConfig()
-        super().__init__(student, chunk=cfg.loss_chunk, attn_impl=cfg.attn_impl)
-
-    def forward(self, tokens, labels):
-        batch = Batch(tokens, labels)
-        loss, stats = self.loss(batch)
-        return loss, stats["ce"], torch.zeros_like(stats["ce"]), batch.label_count()
