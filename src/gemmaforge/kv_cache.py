@@ -68,10 +68,6 @@ class KVCache:
         self.lengths = [0] * num_rows  # host copy: tokens held by each row
 
     @property
-    def batch_size(self) -> int:
-        return self.num_rows
-
-    @property
     def slack(self) -> int:
         """Tokens that can be written before attending, minus one; and the longest safe rewind."""
         return self.max_len if self.ring >= self.max_len else self.ring - self.window
