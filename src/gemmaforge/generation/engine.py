@@ -152,18 +152,17 @@ class Engine:
         self._check_prompts([ids])
         n = len(continuation)
         cache = self.new_cache(1, len(ids))
-        logits = None
+        pieces = []
         for start in range(0, len(ids) - 1, self.prefill_chunk):
             chunk = ids[start : min(start + self.prefill_chunk, len(ids) - 1)]
             lo = max(len(context) - 1 - start, 0)  # chunk columns that predict continuation tokens
             cols = list(range(lo, len(chunk)))
             out = self.forward(torch.tensor([chunk], device=self.device),
                                torch.arange(start, start + len(chunk), device=self.device)[None], cache,
-                               rows=slice(0, 1), columns=cols if cols else [len(chunk) - 1])
-            if cols:
-                logits = out[0] if logits is None else torch.cat([logits, out[0]])
-        target = torch.tensor(list(continuation), device=logits.device)
-        logp = torch.log_softmax(logits[-n:].float(), dim=-1)
+                               rows=slice(0, 1), columns=cols)  # none: the chunk only fills the cache
+            pieces.append(out[0])
+        target = torch.tensor(list(continuation), device=self.device)
+        logp = torch.log_softmax(torch.cat(pieces)[-n:].float(), dim=-1)
         return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
 
     # ---- helpers ------------------------------------------------------------------------------
