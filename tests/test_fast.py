@@ -1,6 +1,7 @@
 """The fast decode path against the eager reference (model forward with a cache), the engine with
 and without it, and the benchmark scripts' code paths on tiny models (no timings asserted)."""
 
+import copy
 import importlib
 import json
 import os
@@ -164,6 +165,24 @@ def test_compiled_step_matches_eager():
     fast = FastForward(model, compile=True, mode="default")
     assert compare_decode(model, fast, steps=10) < 1e-5
     assert compare_decode(model, fast, steps=4) < 1e-5  # a reused (pooled) cache: no stale state
+
+
+def test_compiled_cpu_step_is_private_to_its_model_and_reads_weights_updated_in_place():
+    """The compiled CPU step carries no guards on the model (fast._compile_options). So (a) two
+    models with the same cache shapes but different modules (float32 and int8 linears) must each
+    get their own compiled step (reusing the first one's fails on the second model's missing
+    parameters), and (b) an in-place weight update (an optimizer step between RL rollouts) must be
+    seen by the already compiled step."""
+    g2 = randomize(Gemma(CONFIGS["gemma2"]))
+    g3 = quantize(copy.deepcopy(g2), "int8")
+    fast2 = FastForward(g2, compile=True)
+    assert compare_decode(g2, fast2, steps=3) < 1e-5
+    fast3 = FastForward(g3, compile=True)
+    assert compare_decode(g3, fast3, steps=3) < 1e-5
+    with torch.no_grad():
+        g2.final_norm.weight.mul_(-1.5)  # changes every logit
+        g2.layers[0].attn.q_proj.weight.mul_(0.5)
+    assert compare_decode(g2, fast2, steps=3) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3"])
