@@ -157,3 +157,73 @@ def test_one_engine_per_model_and_the_callers_mode_is_kept(tiny):
     assert Engine.for_model(tiny) is Engine.for_model(tiny) is _engine(tiny)
     Engine.for_model(tiny).generate([[2, 5, 7]], SamplingParams(max_new_tokens=3))
     assert tiny.training  # the engine never flipped the caller's model to eval mode
+
+
+def fed_tokens(engine):
+    """Wrap engine._forward to count the tokens each call feeds."""
+    fed = []
+    inner = engine._forward
+
+    def counting(tokens, positions, cache, **kw):
+        fed.append(int((positions >= 0).sum()) if tokens.shape[1] == 1 else tokens.numel())
+        return inner(tokens, positions, cache, **kw)
+
+    engine._forward = counting
+    return fed
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_prefix_reuse_skips_the_shared_prefill_and_changes_no_token(tiny, fast):
+    """A finished request leaves its keys in its row. A chat's next turn (earlier prompt + reply +
+    new text) and a prompt sharing only a system prefix take that row and feed only the rest; each
+    generates what it generates alone (the greedy oracle). Past the window (tiny: 8) the ring has
+    wrapped: a cut further back than the slack cannot be reused and is prefilled whole."""
+    v = tiny.config.vocab_size
+    w = tiny.config.sliding_window
+    engine = Engine(tiny, fast=fast, prefill_chunk=4)
+    sched = engine.scheduler(2, 64, prefix_reuse=True, slack=4)
+    fed = fed_tokens(engine)
+    system = prompt(5, v, 20)
+    first = system + prompt(2, v, 21)
+    (a,) = run_seqs(sched, [Request(first, SamplingParams(max_new_tokens=3))])
+    assert a.tokens == reference_greedy(tiny, first, 3)
+    turn2 = first + a.tokens + prompt(3, v, 22)  # the next chat turn
+    fed.clear()
+    (b,) = run_seqs(sched, [Request(turn2, SamplingParams(max_new_tokens=4))])
+    assert b.cached_tokens == len(first) + 2  # the prompt and the reply fed so far (not its last token)
+    assert sum(fed) == len(turn2) - b.cached_tokens + 3  # the rest of the prompt, then 3 decode steps
+    assert b.tokens == reference_greedy(tiny, turn2, 4)
+    other = system + prompt(3, v, 23)  # shares only the system prefix with the row holding turn2
+    assert len(turn2) + 3 > sched.cache.ring and len(turn2) + 3 - len(system) > sched.cache.slack
+    (c,) = run_seqs(sched, [Request(other, SamplingParams(max_new_tokens=3))])
+    assert c.cached_tokens == 0 and c.tokens == reference_greedy(tiny, other, 3)
+    short = system + prompt(1, v, 24)  # the row holding `other` never wrapped: cut back to the system prompt
+    assert len(other) + 2 <= sched.cache.ring == w + 4
+    (d,) = run_seqs(sched, [Request(short, SamplingParams(max_new_tokens=3))])
+    assert d.cached_tokens == len(system) and d.tokens == reference_greedy(tiny, short, 3)
+    for row, held in enumerate(sched.resident):
+        assert len(held) == sched.cache.lengths[row]
+
+
+def run_seqs(sched, requests):
+    groups = [sched.submit(r) for r in requests]
+    while sched.has_work():
+        sched.step()
+    return [s for g in groups for s in g]
+
+
+def test_prompt_scoring_returns_the_models_log_probs(tiny):
+    """max_new_tokens=0 with prompt_logprobs: each prompt token's log-prob and top-k under the model
+    (what OpenAI's echo + logprobs and lm-eval's log-likelihood requests read), nothing sampled;
+    chunked (the chunk is capped at 64 columns) like any prefill."""
+    v = tiny.config.vocab_size
+    ids = prompt(70, v, 25)
+    sched = Engine(tiny).scheduler(2, 96)
+    (seq,) = run_seqs(sched, [Request(ids, SamplingParams(), max_new_tokens=0, prompt_logprobs=2)])
+    assert seq.tokens == [] and seq.finish_reason == "length" and len(seq.prompt_logprobs) == 69
+    with torch.no_grad():
+        full = torch.log_softmax(tiny(torch.tensor([ids]))[0, :-1].float(), -1)
+    expected = full.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor([p[0] for p in seq.prompt_logprobs]), expected, atol=1e-5, rtol=1e-5)
+    assert [p[1] for p in seq.prompt_logprobs] == full.topk(2).indices.tolist()
+    assert sched.rows == [None, None]

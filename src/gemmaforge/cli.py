@@ -16,6 +16,7 @@ from .errors import GemmaforgeError
 COMMANDS = {
     "generate": "continue prompts with a model (default: the embedded Gemma 3 270M)",
     "chat": "interactive chat with the Gemma turn template",
+    "serve": "OpenAI-compatible HTTP server with continuous batching (docs/serving.md)",
     "info": "show a model's config, parameter count, layer types, KV bytes per token, dtypes",
     "convert": "convert checkpoints between HF directories and GGUF",
     "bench": "measure prefill/decode speed against HF transformers and llama.cpp",

@@ -99,13 +99,19 @@ class KVCache:
         for r in dst:
             self.lengths[r] = self.lengths[src]
 
+    def can_rewind(self, row: int, n: int) -> bool:
+        """Whether ``rewind(row, n)`` keeps every key the next tokens need: n <= slack (the ring
+        slots those tokens overwrote held positions no later query can see), or the row never
+        wrapped its ring (nothing was overwritten)."""
+        return 0 <= n <= self.lengths[row] and (n <= self.slack or self.lengths[row] <= self.ring)
+
     def rewind(self, row: int, n: int) -> None:
-        """Forget the last ``n`` tokens of ``row`` (rejected draft tokens). Safe for n <= slack: the
-        ring slots those tokens overwrote held positions no later query can see."""
+        """Forget the last ``n`` tokens of ``row``: rejected draft tokens, or the part of a finished
+        request that a new one does not share (prefix reuse). Checked by ``can_rewind``."""
         length = self.lengths[row]
         if not 0 <= n <= length:
             raise ValueError(f"cannot rewind row {row} by {n}: it holds {length} tokens")
-        if n > self.slack:
+        if not self.can_rewind(row, n):
             raise ValueError(f"cannot rewind by {n} > slack {self.slack}: the ring has overwritten keys that "
                              "the next tokens need; build the cache with a larger slack")
         start = length - n

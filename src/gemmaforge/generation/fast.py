@@ -210,16 +210,19 @@ class FastForward:
         if tokens.shape[1] > 1 or not whole_pool or columns is not None:
             h = self.model.hidden_states(tokens, positions, cache, rows=rows)
             return self.model.logits(h[:, -1] if columns is None else h[:, columns]).float()
-        if max(cache.lengths) + 1 > cache.max_len:
-            raise ValueError(f"KV cache full: {max(cache.lengths)} + 1 tokens > max_len {cache.max_len}")
+        # Read once on the host: the attended length is the longest *live* row's (idle rows, which
+        # may still hold a finished request's keys for prefix reuse, have position -1).
+        pos = positions[:, 0].tolist()
+        n = max(max(pos) + 1, 1)
+        if n > cache.max_len:
+            raise ValueError(f"KV cache full: {n - 1} + 1 tokens > max_len {cache.max_len}")
         if self.graphs and id(cache) not in self._static:
             for t in [*cache.k, *cache.v, cache.global_pos, cache.ring_pos]:
                 torch._dynamo.mark_static_address(t)
             self._static.add(id(cache))
-        n = max(cache.lengths) + 1
         kv_lens = None if self.graphs else (n, min(n, cache.ring))
         logits = self._step(self.model, tokens, positions, cache, kv_lens, self.normalizer)
         if self.graphs:
             logits = logits.clone()  # CUDA graph outputs are overwritten by the next replay
-        cache.advance(positions[:, 0].tolist())
+        cache.advance(pos)
         return logits

@@ -1,0 +1,94 @@
+"""``gemmaforge serve``: an OpenAI-compatible HTTP server with continuous batching.
+
+    gemmaforge serve                                   # the embedded model on http://127.0.0.1:8000
+    gemmaforge serve --model google/gemma-2-2b-it --quant int8 --api-key sk-local --max-batch 16
+
+Everything about the routes, fields, batching, prefix reuse and the KV budget is in docs/serving.md.
+SIGTERM (or Ctrl-C) stops admitting requests, lets the running ones finish, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..errors import GemmaforgeError
+from .generate import add_model_arguments, load_model_and_tokenizer, make_engine
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept this key (repeatable; also GEMMAFORGE_API_KEY); none = no authentication")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
+    p.add_argument("--max-batch", type=int, default=8, help="KV-cache rows: sequences decoded together (default 8)")
+    p.add_argument("--kv-budget-mb", type=float, default=512,
+                   help="memory for the KV cache; each row gets an equal share (default 512)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the row length)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; more get 503 (default 64)")
+    p.add_argument("--no-prefix-reuse", action="store_true", help="always prefill the whole prompt")
+
+
+def _model_name(args) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        from ..default_model import default_model_path
+
+        return Path(default_model_path()).stem
+    return Path(args.model).stem if Path(args.model).exists() else str(args.model)
+
+
+def build(args: argparse.Namespace):
+    """(app, runner) from parsed arguments: what ``run`` serves and what tests can build in-process."""
+    import torch
+
+    from ..serving.app import create_app
+    from ..serving.runner import Runner, pool_shape
+
+    if not 1 <= args.port <= 65535:
+        raise GemmaforgeError(f"--port must be in [1, 65535], got {args.port}")
+    for name, minimum in (("max_batch", 1), ("max_queue", 0)):
+        if getattr(args, name) < minimum:
+            raise GemmaforgeError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+    if not 0 < args.kv_budget_mb:
+        raise GemmaforgeError(f"--kv-budget-mb must be > 0, got {args.kv_budget_mb}")
+    keys = tuple(args.api_key) + tuple(k for k in [os.environ.get("GEMMAFORGE_API_KEY")] if k)
+    model, tokenizer = load_model_and_tokenizer(args)
+    dtype_bytes = torch.finfo(model.final_norm.weight.dtype).bits // 8
+    rows, length = pool_shape(model.config, args.kv_budget_mb, args.max_batch, dtype_bytes)
+    if args.max_prompt_tokens is not None and not 1 <= args.max_prompt_tokens < length:
+        raise GemmaforgeError(f"--max-prompt-tokens must be in [1, {length - 1}] (the row length), "
+                              f"got {args.max_prompt_tokens}")
+    engine = make_engine(model, args)
+    runner = Runner(engine, tokenizer, num_rows=rows, max_len=length, max_queue=args.max_queue,
+                    prefix_reuse=not args.no_prefix_reuse)
+    app = create_app(runner, tokenizer, model_name=_model_name(args), api_keys=keys,
+                     max_prompt_tokens=args.max_prompt_tokens)
+    return app, runner
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app, runner = build(args)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            runner.draining = True  # new requests get 503 while the running ones finish
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    print(f"gemmaforge: serving {_model_name(args)} on http://{args.host}:{args.port} "
+          f"({runner.num_rows} rows x {runner.max_len} tokens; warming up)", file=sys.stderr, flush=True)
+    server = Server(config)
+    # uvicorn re-raises a captured SIGTERM once it has shut down gracefully, under the handler that
+    # was installed before it: a no-op one makes the graceful stop exit 0, as the docs promise.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    return 0 if runner.failure is None else 1
