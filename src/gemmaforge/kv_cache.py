@@ -95,7 +95,8 @@ class KVCache:
             return
         idx = torch.tensor(list(dst), device=self.global_pos.device)
         for buf in (*self.k, *self.v, self.global_pos, self.ring_pos):
-            buf[idx] = buf[src : src + 1].expand(len(dst), *buf.shape[1:])
+            # A copy of the source row first: torch refuses a write whose input aliases the target.
+            buf[idx] = buf[src : src + 1].clone().expand(len(dst), *buf.shape[1:])
         for r in dst:
             self.lengths[r] = self.lengths[src]
 
