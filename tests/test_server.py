@@ -277,9 +277,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
         assert httpx.get(server.url + "/health").json()["running"] == 1
-    t = time.monotonic()
     assert wait_idle(server, 5.0), "the row was not freed after the client left"
-    assert time.monotonic() - t < 5.0
 
 
 def test_a_full_queue_answers_503_with_retry_after(served):

@@ -117,8 +117,7 @@ class Scorer:
         scores = []
         row = 0
         while row < n_rows:
-            width = max(len(f[1]) for f in feeds[row : row + 1])
-            end = row + 1
+            end, width = row + 1, len(feeds[row][1])  # rows while rows x widest <= the column budget
             while end < n_rows and (end - row + 1) * max(width, len(feeds[end][1])) <= _COLUMNS_PER_FORWARD:
                 width = max(width, len(feeds[end][1]))
                 end += 1

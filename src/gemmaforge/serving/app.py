@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import GemmaforgeError
 from ..generation.scheduler import Request
-from .protocol import ApiError, Call, check_model, parse_body, parse_call
+from .protocol import ApiError, Call, chat_prompt, check_model, parse_body, parse_call
 from .runner import Job, QueueFull, Runner
 
 OPEN_ROUTES = ("/health", "/metrics")
@@ -94,8 +94,7 @@ def create_app(runner: Runner, tokenizer, *, model_name: str, api_keys: tuple[st
         body = parse_body(await request.body())
         check_model(body, model_name)
         if "messages" in body:
-            ids = parse_call({"messages": body["messages"]}, tokenizer, chat=True, max_len=2**62,
-                             max_prompt_tokens=2**62, max_n=1).prompts[0]
+            ids = chat_prompt(body, tokenizer)
         elif isinstance(body.get("prompt"), str):
             ids = tokenizer.encode(body["prompt"], add_bos=body.get("add_special_tokens", True) is not False)
         else:

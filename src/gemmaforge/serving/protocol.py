@@ -87,7 +87,7 @@ def parse_call(body: dict, tokenizer, *, chat: bool, max_len: int, max_prompt_to
     include_usage = bool(options and _bool(options, "include_usage", False, "stream_options.include_usage"))
 
     if chat:
-        prompts = [_chat_prompt(body, tokenizer)]
+        prompts = [chat_prompt(body, tokenizer)]
         echo = False
         logprobs = None
         if _bool(body, "logprobs", False):
@@ -152,7 +152,7 @@ def parse_call(body: dict, tokenizer, *, chat: bool, max_len: int, max_prompt_to
 
 
 # ---- prompts ------------------------------------------------------------------------------------
-def _chat_prompt(body: dict, tokenizer) -> list[int]:
+def chat_prompt(body: dict, tokenizer) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {'role', 'content'} objects", "messages")

@@ -190,7 +190,7 @@ class Runner:
                 if job.first_token_at is None:
                     job.first_token_at = now
                     self.metrics.ttft.observe(now - job.created)
-                    self.metrics.cached_tokens += seq.cached_tokens
+                    self.metrics.cached_tokens += job.seqs[0].cached_tokens  # the prefilled row's
                 elif job.last_token_at[seq.index]:
                     self.metrics.inter_token.observe(now - job.last_token_at[seq.index])
                 job.last_token_at[seq.index] = now
