@@ -100,7 +100,7 @@ class Scheduler:
         self.num_rows, self.max_len = num_rows, self.cache.max_len
         self.waiting: deque[list[Sequence]] = deque()  # one entry per request: its n sequences
         self.rows: list[Sequence | None] = [None] * num_rows
-        # Token ids whose keys each row holds, kept after a request leaves when prefix_reuse is on.
+        # With prefix_reuse: the token ids whose keys each row holds, kept after its request leaves.
         self.resident: list[list[int]] = [[] for _ in range(num_rows)]
         self._freed_at = [0] * num_rows  # when each row was last released: reuse the oldest first
         self._clock = 0
@@ -233,14 +233,15 @@ class Scheduler:
                                              columns=list(range(len(chunk))))[0]  # [T, V]
             self._score_prompt(seqs, all_logits, prompt[done + 1 : done + len(chunk) + 1])
             logits = all_logits[-1:]
-        self.resident[row] += chunk
+        if self.prefix_reuse:
+            self.resident[row] += chunk
         done += len(chunk)
         if done < len(prompt):
             self._prefill = (seqs, done)
             return []
         self._prefill = None
         self.cache.fork(row, [s.row for s in seqs[1:]])
-        for s in seqs[1:]:
+        for s in seqs[1:] if self.prefix_reuse else ():
             self.resident[s.row] = list(self.resident[row])
         for s in seqs:
             if s.finished:  # aborted while the prompt was being fed
@@ -277,7 +278,7 @@ class Scheduler:
             tops = list(zip(out.top_ids.tolist(), out.top_logprobs.tolist()))
         events = []
         for i, (seq, t) in enumerate(zip(seqs, tokens)):
-            if seq.tokens:  # the token sampled before this one has now been fed into the row
+            if self.prefix_reuse and seq.tokens:  # the token sampled before this one is now in the row
                 self.resident[seq.row].append(seq.tokens[-1])
             seq.tokens.append(t)
             if lps[i] is not None:
