@@ -2,6 +2,7 @@
 
     gemmaforge bench                                   # the embedded Gemma 3 270M, all variants
     gemmaforge bench --variants gemmaforge:int4,hf:fp32 --new-tokens 16 --out bench.json
+    gemmaforge bench serve --help                      # the serving benchmark (commands/bench_serve.py)
 
 Prints a markdown table (ratios against HF transformers float32) and writes the full report as JSON.
 What each column means is in ``gemmaforge.benchmark``; recorded results are in docs/benchmarks.md.
@@ -19,6 +20,12 @@ from ..errors import GemmaforgeError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # `bench serve` is a sub-mode with its own flags; without the word, `bench` is the inference benchmark
+    modes = p.add_subparsers(dest="bench_mode", metavar="{serve}")
+    serve_help = "streaming load against gemmaforge serve, llama-server and llama_cpp.server"
+    from . import bench_serve
+
+    bench_serve.add_arguments(modes.add_parser("serve", help=serve_help, description=serve_help))
     d = BenchSettings()
     p.add_argument("--model", default=None,
                    help="HF directory, .gguf file or preset name (default: the embedded Gemma 3 270M)")
@@ -46,6 +53,10 @@ def _default_workdir(model) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench_mode == "serve":
+        from . import bench_serve
+
+        return bench_serve.run(args)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants:
         raise GemmaforgeError("--variants is empty: give at least one backend:precision, e.g. gemmaforge:fp32")
