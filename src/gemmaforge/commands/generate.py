@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt: {prompt, completion}")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (pipe mode)")
+    p.add_argument("--watermark", default=None, metavar="KEYFILE",
+                   help="watermark the completions with SynthID-Text keys from this JSON file (docs/watermark.md); "
+                        "check with `gemmaforge watermark detect --keys KEYFILE`")
 
 
 def unescape(text: str) -> str:
@@ -154,20 +157,27 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise GemmaforgeError(f"invalid --batch-size {args.batch_size}: it must be >= 1")
     prompts = _read_prompts(args)
+    keys = None
+    if args.watermark is not None:
+        from ..watermark import WatermarkConfig
+
+        keys = WatermarkConfig.load(args.watermark)  # a bad keys file fails before the slow model load
     model, tokenizer = load_model_and_tokenizer(args)
     engine = make_engine(model, args, new_tokens=len(prompts) * params.max_new_tokens)
+    watermark = keys.watermark(engine.device) if keys is not None else None
     out = sys.stdout
     if out.isatty() and not args.json:
         for prompt in prompts:
             out.write(f"\033[2m{prompt}\033[0m" + ("\n" if args.chat else ""))
-            for piece in stream(engine, tokenizer, prompt, chat=args.chat, params=params):
+            for piece in stream(engine, tokenizer, prompt, chat=args.chat, params=params, watermark=watermark):
                 out.write(piece)
                 out.flush()
             out.write("\n")
         return 0
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        for prompt, completion in zip(batch, generate(engine, tokenizer, batch, chat=args.chat, params=params)):
+        completions = generate(engine, tokenizer, batch, chat=args.chat, params=params, watermark=watermark)
+        for prompt, completion in zip(batch, completions):
             if args.json:
                 out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
             else:

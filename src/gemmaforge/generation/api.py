@@ -120,22 +120,34 @@ def _engine(model: Gemma | Engine) -> Engine:
     return model if isinstance(model, Engine) else Engine.for_model(model)
 
 
+def _watermark_setup(watermark):
+    """``Engine.steps``' setup that watermarks the call's scheduler (None: no watermark)."""
+    if watermark is None:
+        return None
+    from ..watermark import attach_watermark, as_watermark
+
+    wm = as_watermark(watermark)
+    return lambda sched: attach_watermark(sched, wm)
+
+
 # ---- the public functions ---------------------------------------------------------------------
 def generate(model: Gemma | Engine, tokenizer: Tokenizer, prompts, *, chat: bool = False,
-             params: SamplingParams | None = None, **sampling) -> list[str]:
+             params: SamplingParams | None = None, watermark=None, **sampling) -> list[str]:
     """Complete each prompt (all in one batch); returns one string per prompt, without the prompt,
-    the stop token or the stop string. Sampling options are ``SamplingParams`` fields."""
+    the stop token or the stop string. Sampling options are ``SamplingParams`` fields;
+    ``watermark``: a ``gemmaforge.watermark.SynthIDTextWatermark`` (or its ``WatermarkConfig``)."""
     params = sampling_params(params, **sampling)
+    setup = _watermark_setup(watermark)
     engine = _engine(model)
     ids = [encode_prompt(tokenizer, p, chat) for p in _as_prompt_list(prompts)]
     streams = [TextStream(tokenizer, params.stop, tokenizer.stop_ids) for _ in ids]
     texts = [[] for _ in ids]
-    if not params.stop:
+    if not params.stop and setup is None:
         # Without stop strings the text is only needed at the end: one host sync for the batch.
         for stream_, text, row in zip(streams, texts, engine.generate(ids, params, tokenizer.stop_ids)):
             text.extend(stream_.feed(t) for t in row)
     else:
-        for step in engine.steps(ids, params, tokenizer.stop_ids):
+        for step in engine.steps(ids, params, tokenizer.stop_ids, setup=setup):
             for stream_, text, t in zip(streams, texts, step.tolist()):
                 if t != FINISHED:
                     text.append(stream_.feed(t))
@@ -147,14 +159,15 @@ def generate(model: Gemma | Engine, tokenizer: Tokenizer, prompts, *, chat: bool
 
 
 def stream(model: Gemma | Engine, tokenizer: Tokenizer, prompt: str | Messages, *, chat: bool = False,
-           params: SamplingParams | None = None, **sampling) -> Iterator[str]:
+           params: SamplingParams | None = None, watermark=None, **sampling) -> Iterator[str]:
     """Yield the completion of one prompt piece by piece, as soon as each piece is certain.
 
     Bad arguments raise here, at the call, not at the first ``next()``.
     """
     params = sampling_params(params, **sampling)
     ids = encode_prompt(tokenizer, prompt, chat)
-    steps = _engine(model).steps([ids], params, tokenizer.stop_ids)  # checks the prompt's length now
+    setup = _watermark_setup(watermark)
+    steps = _engine(model).steps([ids], params, tokenizer.stop_ids, setup=setup)  # checks the prompt's length now
     return _stream(steps, TextStream(tokenizer, params.stop, tokenizer.stop_ids))
 
 

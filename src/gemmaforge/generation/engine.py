@@ -95,6 +95,7 @@ class Engine:
         params: SamplingParams,
         stop_ids: Collection[int] | Sequence[Collection[int]] = (),
         max_new_tokens: int | Sequence[int] | None = None,
+        setup=None,
     ) -> Iterator[torch.Tensor]:
         """Yield one [B] int64 tensor per decode step: each row's new token, or FINISHED (-1) once
         that row has emitted one of its stop ids or used up its ``max_new_tokens``.
@@ -103,20 +104,23 @@ class Engine:
         ``params.max_new_tokens``, for all rows or per row. Row i is its own request with seed
         ``params.seed + i`` (sampler.Sampler), so its tokens do not depend on the other rows. The
         stop token itself is yielded (as in HF ``generate``). Bad input raises here; the work starts at the first
-        ``next()``, and closing the iterator early (``break``) stops it.
+        ``next()``, and closing the iterator early (``break``) stops it. ``setup(scheduler)`` runs on
+        this call's scheduler before its first step (e.g. ``watermark.attach_watermark``).
         """
         prompts = self._check_prompts(prompts)
         b = len(prompts)
         budgets = self._per_row(max_new_tokens if max_new_tokens is not None else params.max_new_tokens, b)
         stops = self._stop_sets(stop_ids, b)
-        return self._lockstep(prompts, params, budgets, stops)
+        return self._lockstep(prompts, params, budgets, stops, setup)
 
-    def _lockstep(self, prompts, params, budgets, stops):
+    def _lockstep(self, prompts, params, budgets, stops, setup=None):
         """The scheduler's events regrouped into one column per step (rows advance at different
         moments: each row's first token comes after its own prefill)."""
         width = max(len(p) for p in prompts)
         sched = self.scheduler(len(prompts), min(width + max(budgets), self.context_length),
                                decode_during_prefill=False)
+        if setup is not None:
+            setup(sched)
         seqs = []
         for i, (p, budget, stop) in enumerate(zip(prompts, budgets, stops)):
             seed = None if params.seed is None else (params.seed + i) % 2**63
