@@ -46,13 +46,22 @@ _TURN_NAMES = {"user": "user", "assistant": "model", "model": "model"}
 def format_chat(messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
     """The Gemma prompt for ``messages``, starting with ``<bos>``; ending with ``<start_of_turn>model\\n``
     when ``add_generation_prompt`` (so that the model answers next)."""
-    turns = _turns(messages)
-    parts = [BOS]
-    for role, text in turns:
-        parts.append(f"{START_OF_TURN}{role}\n{text}{END_OF_TURN}\n")
-    if add_generation_prompt:
-        parts.append(f"{START_OF_TURN}model\n")
-    return "".join(parts)
+    text = "".join(piece for piece, _ in chat_pieces(messages))
+    return text + f"{START_OF_TURN}model\n" if add_generation_prompt else text
+
+
+def chat_pieces(messages: Sequence[Mapping]) -> list[tuple[str, bool]]:
+    """``format_chat(messages, add_generation_prompt=False)`` cut into (text, is_reply) pieces: a reply
+    piece is what the model writes in one of its turns, its text and the ``<end_of_turn>`` that ends
+    it; everything else (``<bos>``, user turns, each ``<start_of_turn>model\n``) is context. Training
+    on chats (train/chats.py) puts its loss on the reply pieces only."""
+    pieces = [(BOS, False)]
+    for role, text in _turns(messages):
+        if role == "model":
+            pieces += [(f"{START_OF_TURN}model\n", False), (f"{text}{END_OF_TURN}", True), ("\n", False)]
+        else:
+            pieces.append((f"{START_OF_TURN}{role}\n{text}{END_OF_TURN}\n", False))
+    return pieces
 
 
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> list[int]:

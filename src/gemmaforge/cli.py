@@ -23,6 +23,14 @@ COMMANDS = {
     "prepare-data": "tokenize text/JSONL/parquet into memory-mapped token shards",
     "train": "pre-train or fine-tune from a YAML config",
     "distill": "knowledge distillation from a teacher (live or cached logits)",
+    "eval": "lm-eval's benchmarks (MMLU, ARC, HellaSwag, GSM8K, MBPP, ...) with lm-eval's numbers",
+    "watermark": "SynthID-Text watermark: keygen, detect, calibrate (docs/watermark.md)",
+    "sft": "supervised fine-tuning on chat JSONL, loss on the model's replies (docs/post_training.md)",
+    "gkd": "on-policy distillation: generalized JSD on the student's own samples and the dataset's",
+    "average": "average models: weighted linear, or slerp of task vectors relative to --base (WARP)",
+    "reward": "train a Bradley-Terry reward model on preference pairs",
+    "reward-score": "score preference pairs or single completions with a reward model",
+    "rl": "RLOO with a KL penalty to the frozen reference; rollouts through the engine",
 }
 
 

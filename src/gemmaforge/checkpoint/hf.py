@@ -93,15 +93,16 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_tensors(directory: Path):
-    """Yield (internal name, tensor, file) lazily; unknown tensors are reported, not skipped."""
+def read_tensors(directory: Path, extra: frozenset[str] = frozenset()):
+    """Yield (internal name, tensor, file) lazily; unknown tensors are reported, not skipped, except
+    the HF names in ``extra`` (a reward model's ``score.weight``), yielded under that name."""
     from safetensors import SafetensorError, safe_open
 
     for path in _weight_files(directory):
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
-                    name = from_hf_name(key)
+                    name = key if key in extra else from_hf_name(key)
                     if name is None:
                         if key in _IGNORABLE:
                             continue
@@ -113,9 +114,12 @@ def read_tensors(directory: Path):
             raise GemmaforgeError(f"cannot read {path} ({e}): the file is truncated or corrupt; re-download it") from None
 
 
-def save_pretrained(model, directory, *, max_shard_bytes: int = 2 << 30) -> None:
+def save_pretrained(model, directory, *, max_shard_bytes: int = 2 << 30, extra_tensors=None,
+                    config_overrides=None) -> None:
     """config.json + model.safetensors (sharded with an index above ``max_shard_bytes``), atomically:
     everything is written into a staging sibling directory that replaces ``directory`` at the end.
+    ``extra_tensors`` (HF name -> tensor) and ``config_overrides`` add what a model with another head
+    needs (a reward model: ``score.weight`` and the sequence-classification architecture).
 
     A quantized model is refused: save the float model (before ``quant.quantize``) instead."""
     from safetensors.torch import save_file
@@ -126,6 +130,7 @@ def save_pretrained(model, directory, *, max_shard_bytes: int = 2 << 30) -> None
 
     with publish_dir(directory) as tmp:
         tensors = {to_hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, t in tensors.items():
@@ -149,4 +154,5 @@ def save_pretrained(model, directory, *, max_shard_bytes: int = 2 << 30) -> None
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         hf = to_hf_config(model.config)
         hf["torch_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
+        hf.update(config_overrides or {})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))

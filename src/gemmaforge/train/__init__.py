@@ -10,6 +10,12 @@ minimises), recipes.py (source + objective per kind of run), models.py (loading 
 setup.py (everything before the first step), loop.py (the step and the loop), optim.py (AdamW,
 schedule), checkpointing.py, metrics.py, distributed.py (FSDP2), distill.py (cached teacher logits),
 experiment.py (distilled vs scratch).
+
+Post-training (docs/post_training.md) plugs into the same loop: chats.py (JSONL records, the chat
+template, reply-only targets), packing.py (variable-length sequences as rows, packed with segments),
+lora.py (adapters merged at save), rollouts.py (sampling the policy through the engine), gkd.py
+(on-policy batches), reward.py (reward model, Bradley-Terry), rl.py (RLOO), averaging.py (linear and
+slerp model averaging).
 """
 
 from .config import TrainConfig, load_config

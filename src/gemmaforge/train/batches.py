@@ -85,3 +85,26 @@ class IndexedSource:
 
     def micro_batches(self, step: int, layout: StepLayout) -> list[Batch]:
         return [self.batch(layout.samples(step, m)) for m in range(layout.accum)]
+
+
+class EpochOrder:
+    """Sample number (counting across epochs) -> item of ``n``: each epoch a fresh permutation seeded by
+    (seed, epoch), so the item of a sample never depends on what was read before (exact resume)."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, sample: int) -> int:
+        epoch, i = divmod(sample, self.n)
+        if not self.shuffle:
+            return i
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return int(self._perm[i])
+
+
+def evenly_spaced(index: int, fraction: float) -> bool:
+    """True for exactly floor(n f) of indices 0 .. n-1, evenly spread: floor((i + 1) f) > floor(i f)."""
+    return int((index + 1) * fraction) > int(index * fraction)

@@ -32,6 +32,7 @@ from ..checkpoint.hf import read_tensors
 from ..config import GemmaConfig
 from ..errors import GemmaforgeError
 from .distributed import DistInfo, barrier
+from .lora import adapter_state, merge_state
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -62,12 +63,15 @@ def export_model(state: dict[str, torch.Tensor], config: GemmaConfig, dest: Path
     """Full state dict -> HF directory (written atomically by save_pretrained)."""
     from ..model import Gemma
 
+    from ..checkpoint.hf import save_pretrained
+    from .reward import SCORE, classification_config
+
+    state = dict(merge_state(state))  # LoRA adapters folded in
+    head = {SCORE: state.pop(SCORE)} if SCORE in state else {}  # a reward model's scalar head
     with torch.device("meta"):
         model = Gemma(config)
     model.load_state_dict(state, strict=True, assign=True)
-    from ..checkpoint.hf import save_pretrained
-
-    save_pretrained(model, dest)
+    save_pretrained(model, dest, extra_tensors=head, config_overrides=classification_config(config) if head else None)
     if tokenizer_file is not None and tokenizer_file.is_file():
         shutil.copyfile(tokenizer_file, dest / "tokenizer.json")
 
@@ -87,7 +91,11 @@ def save_checkpoint(run_dir: str | Path, step: int, student: nn.Module, optimize
     if info.is_main:
         with publish_dir(final) as tmp:  # replaces a same-step checkpoint of an earlier attempt
             export_model(model_state, student.config, tmp / "model", tokenizer_file)
-            torch.save({"trainer": trainer_state, "optimizer": optim_state}, tmp / "trainer.pt")
+            blob = {"trainer": trainer_state, "optimizer": optim_state}
+            adapters = adapter_state(model_state)
+            if adapters:  # model/ holds the merged weights; resume needs the adapters themselves
+                blob["adapters"] = adapters
+            torch.save(blob, tmp / "trainer.pt")
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
@@ -103,13 +111,19 @@ def clean_partial(run_dir: str | Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights and optimizer state (into sharded or plain modules); returns the trainer state."""
+def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer, check=None) -> dict:
+    """Restore weights and optimizer state (into sharded or plain modules); returns the trainer state.
+    ``check(trainer_state)`` runs first, so a run that may not resume here fails before anything loads."""
     try:
         blob = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file can only come from outside: we never write in place
         raise GemmaforgeError(f"cannot read {path / 'trainer.pt'} ({e}): delete {path} to resume from an older one") from None
-    state = {name: t for name, t, _ in read_tensors(path / "model")}
-    set_model_state_dict(student, state, options=StateDictOptions(full_state_dict=True))
+    if check is not None:
+        check(blob["trainer"])
+    if "adapters" in blob:  # LoRA: the frozen base is the run's ``model``, loaded already
+        set_model_state_dict(student, blob["adapters"], options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        state = {name: t for name, t, _ in read_tensors(path / "model", extra=frozenset({"score.weight"}))}
+        set_model_state_dict(student, state, options=StateDictOptions(full_state_dict=True))
     set_optimizer_state_dict(student, optimizer, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
     return blob["trainer"]

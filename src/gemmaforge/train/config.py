@@ -1,4 +1,5 @@
-"""Run configuration for ``gemmaforge train`` / ``gemmaforge distill``: one frozen dataclass, read from YAML.
+"""Run configuration for ``gemmaforge train`` / ``distill`` / ``sft`` / ``gkd`` / ``reward`` / ``rl``: one
+frozen dataclass, read from YAML.
 
 Every key has a default, so a YAML file lists only what differs. Command-line flags override keys
 (``--lr 1e-3`` overrides ``lr:``); both go through the same coercion, so ``lr: 1e-3`` (which YAML 1.1
@@ -71,9 +72,31 @@ class TrainConfig:
     temperature: float = 1.0
     distill_loss: str = "kl"  # kl (forward KL) or soft_ce; same gradient, different reported value
 
+    # ---- JSONL data: sft, gkd, reward, rl (docs/post_training.md) --------------------------------
+    # For these commands ``data`` is a JSONL file, tokenized at start-up with ``tokenizer``.
+    tokenizer: str | None = None  # None = the model's own (a checkpoint that ships one, or the default)
+    val_data: str | None = None  # held-out JSONL; None = every ~1/val_fraction-th record of ``data``
+    val_fraction: float = 0.05
+    chat_template: bool = True  # false: prompts are <bos> + plain text, replies plain text (pre-trained models)
+    lora_rank: int = 0  # > 0: train rank-r adapters on lora_targets only, merged into the saved weights
+    lora_alpha: float = 16.0  # adapter scale alpha / rank
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+    # ---- on-policy sampling through the engine: gkd, rl ---------------------------------------
+    lmbda: float = 0.5  # gkd: fraction of steps whose completions the student writes itself
+    beta: float = 0.5  # gkd: generalized JSD mixture (0 = forward KL, 1 = reverse KL)
+    max_new_tokens: int = 128
+    sample_temperature: float = 1.0  # of the rollouts (the loss's temperature is ``temperature``)
+    sample_top_p: float = 1.0
+    rollouts_per_prompt: int = 4  # rl: k samples per prompt (RLOO's leave-one-out baseline)
+    kl_coef: float = 0.05  # rl: reward - kl_coef * KL(policy || reference) per sequence
+    reward: str | None = None  # rl: module:function, or a reward model directory (gemmaforge reward)
+    reference: str | None = None  # rl: frozen reference policy; None = the initial ``model``
+
     def __post_init__(self):
         positive = ("seq_len", "batch_size", "max_steps", "loss_chunk", "eval_every", "log_every",
-                    "save_every", "keep_checkpoints", "eval_batches", "cache_k")
+                    "save_every", "keep_checkpoints", "eval_batches", "cache_k", "max_new_tokens",
+                    "rollouts_per_prompt")
         for name in positive:
             if getattr(self, name) < 1:
                 raise GemmaforgeError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
@@ -84,6 +107,16 @@ class TrainConfig:
             raise GemmaforgeError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise GemmaforgeError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("lmbda", "beta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise GemmaforgeError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise GemmaforgeError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if not 0.0 < self.sample_top_p <= 1.0:
+            raise GemmaforgeError(f"sample_top_p must be in (0, 1], got {self.sample_top_p}")
+        for name in ("lora_rank", "kl_coef", "sample_temperature"):
+            if getattr(self, name) < 0:
+                raise GemmaforgeError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
         choices = {"autocast": ("auto", "bfloat16", "off"), "cache_mode": ("topk", "sample"),
                    "distill_loss": ("kl", "soft_ce"), "packing": ("segments", "concat"),
                    "teacher_quant": (None, "int8", "int4")}

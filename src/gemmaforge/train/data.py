@@ -40,7 +40,7 @@ import torch
 
 from .. import atomic
 from ..errors import GemmaforgeError
-from .batches import IGNORE, Batch, IndexedSource
+from .batches import IGNORE, Batch, EpochOrder, IndexedSource, evenly_spaced
 
 FORMAT = "gemmaforge-tokens-v1"
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -86,17 +86,10 @@ def read_documents(files: Sequence[Path], field: str = "text") -> Iterator[str]:
         if suffix in TEXT_SUFFIXES:
             yield path.read_text(encoding="utf-8", errors="replace")
         elif suffix in JSONL_SUFFIXES:
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise GemmaforgeError(f"{path} line {n} is not valid JSON ({e.msg}): fix or remove it") from None
-                    if not isinstance(row, dict) or field not in row:
-                        raise GemmaforgeError(f"{path} line {n} has no field {field!r}: pass --field NAME")
-                    yield str(row[field])
+            for n, row in read_jsonl(path):
+                if field not in row:
+                    raise GemmaforgeError(f"{path} line {n} has no field {field!r}: pass --field NAME")
+                yield str(row[field])
         else:
             try:
                 import pyarrow.parquet as pq
@@ -110,9 +103,28 @@ def read_documents(files: Sequence[Path], field: str = "text") -> Iterator[str]:
                     yield "" if value is None else str(value)
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file; a line that is not a JSON
+    object is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise GemmaforgeError(f"{path} does not exist: pass a JSONL file")
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GemmaforgeError(f"{path} line {n} is not valid JSON ({e.msg}): fix or remove it") from None
+            if not isinstance(row, dict):
+                raise GemmaforgeError(f"{path} line {n} is a JSON {type(row).__name__}, not an object: fix or remove it")
+            yield n, row
+
+
 def is_val_doc(index: int, val_fraction: float) -> bool:
     """Document i is held out iff floor((i + 1) f) > floor(i f): exactly floor(n f) of n, evenly spaced."""
-    return int((index + 1) * val_fraction) > int(index * val_fraction)
+    return evenly_spaced(index, val_fraction)
 
 
 # ---- writing shards -------------------------------------------------------------------------------
@@ -351,21 +363,11 @@ class PackedWindows(IndexedSource):
                 f"the corpus has {len(stream)} tokens, fewer than one window of seq_len={seq_len} + 1: "
                 "lower seq_len or add data"
             )
-        self._epoch, self._perm = -1, None
+        self.window_index = EpochOrder(self.num_windows, seed, shuffle)
 
     @property
     def num_samples(self) -> int:
         return self.num_windows
-
-    def window_index(self, sample: int) -> int:
-        """Sample number (counting across epochs) -> window; each epoch is a fresh permutation."""
-        epoch, i = divmod(sample, self.num_windows)
-        if not self.shuffle:
-            return i
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.num_windows, generator=g), epoch
-        return int(self._perm[i])
 
     def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         x = self.stream.read(w * self.seq_len, self.seq_len + 1)

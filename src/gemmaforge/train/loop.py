@@ -24,14 +24,16 @@ Losses and statistics are accumulated on the device; the host reads them once pe
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.nn as nn
 
+from ..errors import GemmaforgeError
 from ..eval.perplexity import Perplexity
 from .batches import IGNORE
-from .checkpointing import export_model, full_model_state, save_checkpoint
+from .checkpointing import export_model, full_model_state, latest_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import all_reduce_sum, cleanup, full_tensor, setup
 from .optim import lr_at, set_lr
@@ -104,12 +106,19 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     means = all_reduce_sum(sums, info) / n_global
-    loss_value, *values = torch.cat([means, grad_norm.double().reshape(1)]).tolist()  # the step's one sync
+    loss_value, *values = torch.cat([means, grad_norm.double().reshape(1), n_global.reshape(1)]).tolist()  # one sync
+    targets = int(values.pop())
     grad_norm_value = values.pop()
+    if not math.isfinite(loss_value):
+        # the weights in memory took a non-finite step: stop before anything is saved from them
+        latest = latest_checkpoint(run.out)
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        raise GemmaforgeError(f"the loss is {loss_value} at step {step + 1}: training stopped and {kept}; "
+                              "lower lr, or check the data")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     done = step + 1
     return {"step": done, "split": "train", "loss": loss_value, **dict(zip(names, values)), "lr": lr,
-            "grad_norm": grad_norm_value, "tokens": done * tokens_per_step,
+            "grad_norm": grad_norm_value, "targets": targets, "tokens": done * tokens_per_step,
             "tok_per_s": tokens_per_step / max(time.perf_counter() - t0, 1e-9)}
 
 
@@ -119,20 +128,26 @@ def evaluate(run: Run, step: int) -> dict:
     cfg, info, objective, micro, device = run.cfg, run.info, run.objective, run.layout.micro, run.device
     objective.eval()
     n_samples = min(run.val.num_samples, cfg.eval_batches * cfg.batch_size)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    sums, names = None, []
     with torch.no_grad(), run.autocast():
         # every process runs the same number of forwards (FSDP gathers weights collectively);
         # samples past n_samples only pad the last round and count for nothing
-        rounds = -(-n_samples // (info.world * micro))
+        rounds = max(1, -(-n_samples // (info.world * micro)))
         for r in range(rounds):
             first = (r * info.world + info.rank) * micro
             b = run.val.batch(range(first, first + micro))
-            b.labels[torch.arange(first, first + micro) >= n_samples] = IGNORE
-            nats, n = objective(b.to(device), evaluate=True)
-            sums += torch.stack([nats.double(), n.double()])
+            padding = torch.arange(first, first + micro) >= n_samples
+            b.labels[padding.repeat_interleave(b.tokens.shape[0] // micro)] = IGNORE  # a sample may be 2 rows (pairs)
+            nats, n, *more = objective(b.to(device), evaluate=True)  # more: {name: sum} to report per target
+            stats = more[0] if more else {}
+            names = names or list(stats)
+            part = torch.stack([nats.double(), n.double(), *(stats[k].double() for k in names)])
+            sums = part if sums is None else sums + part
     objective.train()
-    result = Perplexity.of(*all_reduce_sum(sums, info).tolist())
-    record = {"step": step, "split": "val", "loss": result.loss, "ppl": result.ppl, "tokens": result.tokens}
+    nats, n, *values = all_reduce_sum(sums, info).tolist()
+    result = Perplexity.of(nats, n)
+    record = {"step": step, "split": "val", "loss": result.loss, "ppl": result.ppl, "tokens": result.tokens,
+              **{k: v / max(n, 1.0) for k, v in zip(names, values)}}
     run.log.write(record)
     return record
 

@@ -42,3 +42,30 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def plot_metrics(run_dir: Path, keys: list[str], path: Path) -> Path | None:
+    """One panel per key of the train records (val points on top where they have it), as a PNG;
+    None when matplotlib is not installed (it is in the ``train`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for split, style in (("train", "-"), ("val", "o")):
+            pts = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=split, markersize=4)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -24,13 +24,13 @@ def source_of(name: str | None) -> str | None:
     return None if name == "default" else name
 
 
-def check_tokenizer(source: str | None, meta: dict, role: str) -> None:
-    """A model that ships a tokenizer (GGUF, HF dir with tokenizer.json) must match the data's.
-    ``source`` None is the embedded default model."""
+def shipped_tokenizer(source: str | None):
+    """The tokenizer a model source carries (a GGUF's, an HF directory's tokenizer.json or
+    tokenizer.model, the embedded default's), or None (a preset, a directory without one)."""
     from ..config import PRESETS
 
-    if meta.get("tokenizer") is None or source in PRESETS:
-        return  # synthetic data or a random preset: only the vocabulary size can be checked
+    if source in PRESETS:
+        return None
     if source is None:
         from ..default_model import default_model_path
 
@@ -38,10 +38,21 @@ def check_tokenizer(source: str | None, meta: dict, role: str) -> None:
     else:
         path = Path(source)
     if not (path.suffix == ".gguf" or any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))):
-        return
+        return None
     from ..tokenizer import load_tokenizer
 
-    if tokenizer_digest(load_tokenizer(path)) != meta["tokenizer_sha256"]:
+    return load_tokenizer(path)
+
+
+def check_tokenizer(source: str | None, meta: dict, role: str) -> None:
+    """A model that ships a tokenizer (GGUF, HF dir with tokenizer.json) must match the data's.
+    ``source`` None is the embedded default model."""
+    if meta.get("tokenizer") is None:
+        return  # synthetic data: only the vocabulary size can be checked
+    tok = shipped_tokenizer(source)
+    if tok is None:
+        return  # a random preset, or a checkpoint without a tokenizer: the vocabulary size is checked later
+    if tokenizer_digest(tok) != meta["tokenizer_sha256"]:
         raise GemmaforgeError(
             f"the {role} {source or 'default'} uses a different tokenizer than the data (prepared with "
             f"{meta['tokenizer']}): prepare the data with the {role}'s tokenizer"
@@ -77,16 +88,24 @@ def load_student(cfg: TrainConfig, device: torch.device) -> Gemma:
     return model.train()
 
 
-def load_teacher(cfg: TrainConfig, device: torch.device) -> Gemma:
-    """The teacher in eval mode with frozen weights; weight-only quantized when ``teacher_quant`` says so
-    (it then has no ``embed.weight``: everything reads its head through ``Gemma.logits``)."""
+def load_frozen(source: str, dtype: str, device: torch.device, seed: int, quant: str | None = None) -> Gemma:
+    """A model in eval mode with frozen weights; weight-only quantized when ``quant`` says so (it then
+    has no ``embed.weight``: everything reads its head through ``Gemma.logits``)."""
     from ..checkpoint import load
 
-    teacher = load(source_of(cfg.teacher), dtype=resolve_dtype(cfg.teacher_dtype, device), device=device,
-                   seed=cfg.seed + 1)
-    teacher = teacher.eval().requires_grad_(False)
-    if cfg.teacher_quant is not None:
+    model = load(source_of(source), dtype=resolve_dtype(dtype, device), device=device, seed=seed)
+    model = model.eval().requires_grad_(False)
+    if quant is not None:
         from ..quant import quantize
 
-        quantize(teacher, cfg.teacher_quant)
-    return teacher
+        quantize(model, quant)
+    return model
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device) -> Gemma:
+    return load_frozen(cfg.teacher, cfg.teacher_dtype, device, cfg.seed + 1, cfg.teacher_quant)
+
+
+def load_reference(cfg: TrainConfig, device: torch.device) -> Gemma:
+    """RL's frozen reference policy: ``reference``, or the run's initial ``model`` (same seed for a preset)."""
+    return load_frozen(cfg.reference or cfg.model, cfg.dtype, device, cfg.seed)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..eval.perplexity import nll_sums
 from ..model import Gemma
 from .batches import IGNORE, Batch
-from .losses import TeacherFn, head_loss, select_rows
+from .losses import TeacherFn, head_jsd, head_loss, select_rows
 
 
 class LossSums(NamedTuple):
@@ -131,3 +131,28 @@ class Distillation(Objective):
         loss, hard, kd = head_loss(rows, self.student, y, teacher=teacher, alpha=self.alpha, tau=self.tau,
                                    kd_kind=self.kind, chunk=self.chunk)
         return LossSums(loss, {"ce": hard, self.kind: kd})
+
+
+class GeneralizedJSD(Objective):
+    """GKD's loss: the generalized JSD (losses.head_jsd) between a live teacher and the student on
+    the labelled (completion) tokens, over the soft-capped logits both emit. Its held-out value is the
+    same divergence on the validation completions (reported as the val ``loss``; ``ppl`` is its exp)."""
+
+    def __init__(self, student: Gemma, teacher: LiveTeacher, *, beta: float, tau: float, chunk: int = 1024,
+                 attn_impl: str | None = None):
+        super().__init__(student, chunk=chunk, attn_impl=attn_impl)
+        self.teacher, self.beta, self.tau = teacher, beta, tau
+
+    def models(self) -> list[Gemma]:
+        return [self.student, *self.teacher.models()]
+
+    def loss(self, batch: Batch) -> LossSums:
+        rows, _, index = select_rows(self.hidden(self.student, batch), batch.labels, IGNORE)
+        loss, jsd = head_jsd(rows, self.student, self.teacher.distribution(self, batch, index), beta=self.beta,
+                             tau=self.tau, chunk=self.chunk)
+        return LossSums(loss, {"jsd": jsd})
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, _ = self.loss(batch)
+        return loss.double(), torch.tensor(batch.label_count(), device=loss.device)

@@ -21,7 +21,7 @@ from ..model import Gemma
 from .batches import BatchSource, IndexedSource, StepLayout
 from .checkpointing import clean_partial, latest_checkpoint, load_checkpoint
 from .config import TrainConfig
-from .data import prepare_out_dir, read_meta
+from .data import prepare_out_dir
 from .distributed import DistInfo, broadcast_object, shard
 from .metrics import MetricsLog
 from .models import check_tokenizer, check_vocab, load_student, source_of
@@ -32,7 +32,7 @@ from .recipes import Recipe
 # Changing these between a checkpoint and its resume would silently train on different data. The
 # value in parentheses is what a checkpoint that predates the key was trained with.
 _RUN_IDENTITY = {"model": None, "data": None, "seq_len": None, "batch_size": None, "seed": None,
-                 "packing": "concat"}
+                 "packing": "concat", "lora_rank": 0}
 
 
 @dataclass
@@ -64,7 +64,7 @@ def start(cfg: TrainConfig, info: DistInfo, recipe: Recipe) -> Run:
         raise GemmaforgeError("no output directory: set out: DIR in the config or pass --out DIR")
     out = Path(cfg.out)
     prepare_out_dir(out)  # on every process: one that failed alone would leave the others waiting
-    meta = read_meta(cfg.data)
+    meta = recipe.meta(cfg)
     layout = StepLayout(cfg.batch_size, info.world, info.rank, cfg.micro_batch_size)
     train = recipe.batches(cfg, meta, "train")
     val = recipe.batches(cfg, meta, "val")
@@ -74,6 +74,7 @@ def start(cfg: TrainConfig, info: DistInfo, recipe: Recipe) -> Run:
     student = load_student(cfg, device)
     check_vocab(student, meta, "model")
     objective = recipe.objective(cfg, student, meta, train, device)
+    student = objective.student  # what trains and is saved (a recipe may add a head, e.g. a reward model's)
     if info.enabled:
         shard(objective, [block for model in objective.models() for block in model.layers], info)
     optimizer = make_optimizer(student, cfg, device)
@@ -84,7 +85,7 @@ def start(cfg: TrainConfig, info: DistInfo, recipe: Recipe) -> Run:
         atomic.write_bytes(out / "config.yaml", _yaml(cfg).encode())
     bf16 = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device.type == "cuda")
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    return Run(cfg, info, recipe, out, Path(cfg.data) / "tokenizer.json", layout, train, val, student, objective,
+    return Run(cfg, info, recipe, out, recipe.tokenizer_file(cfg, meta), layout, train, val, student, objective,
                optimizer, start_step, log, amp)
 
 
@@ -96,12 +97,15 @@ def _resume(cfg: TrainConfig, out: Path, student: Gemma, optimizer, info: DistIn
     ckpt = broadcast_object(str(latest) if latest else None, info)
     if ckpt is None:
         return 0
-    saved = load_checkpoint(Path(ckpt), student, optimizer)
-    for key, before in _RUN_IDENTITY.items():
-        was = saved["config"].get(key, before)
-        if was != getattr(cfg, key):
-            raise GemmaforgeError(f"{out} holds a run with {key}={was!r}, not {getattr(cfg, key)!r}: "
-                                  "use a new out directory, or the same settings to resume")
+
+    def same_run(saved: dict) -> None:
+        for key, before in _RUN_IDENTITY.items():
+            was = saved["config"].get(key, before)
+            if was != getattr(cfg, key):
+                raise GemmaforgeError(f"{out} holds a run with {key}={was!r}, not {getattr(cfg, key)!r}: "
+                                      "use a new out directory, or the same settings to resume")
+
+    saved = load_checkpoint(Path(ckpt), student, optimizer, check=same_run)
     if info.is_main:
         print(f"gemmaforge: resuming from {ckpt}", flush=True)
     return saved["step"]
