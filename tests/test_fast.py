@@ -185,6 +185,27 @@ def test_compiled_cpu_step_is_private_to_its_model_and_reads_weights_updated_in_
     assert compare_decode(g2, fast2, steps=3) < 1e-5
 
 
+def test_compiled_step_decodes_only_the_live_rows_of_a_pool():
+    """A server's pool has more rows than requests: the scheduler decodes rows 0..last live one
+    (KVCache.prefix views) through the compiled step, a narrower batch as rows free up, and each
+    request still generates what it generates alone (eager greedy)."""
+    from gemmaforge.generation.scheduler import Request
+
+    model = quantize(randomize(Gemma(CONFIGS["gemma2"])), "int8")
+    engine, eager = Engine(model), Engine(model, fast=False)
+    widths = []
+    step = engine.fast._step
+    engine.fast._step = lambda m, tokens, *a: widths.append(tokens.shape[0]) or step(m, tokens, *a)
+    sched = engine.scheduler(4, 48)
+    prompts, budgets = [[2, 7, 9], [2, 5], [2, 11, 4, 6]], [9, 3, 6]
+    seqs = [sched.submit(Request(p, SamplingParams(max_new_tokens=b)))[0] for p, b in zip(prompts, budgets)]
+    while sched.has_work():
+        sched.step()
+    assert [s.tokens for s in seqs] == [eager.generate([p], SamplingParams(max_new_tokens=b))[0]
+                                        for p, b in zip(prompts, budgets)]
+    assert max(widths) == 3 and widths[-1] == 1 and 4 not in widths  # row 3 never joined a step
+
+
 @pytest.mark.parametrize("name", ["gemma2", "gemma3"])
 def test_engine_fast_is_default_and_generates_what_eager_generates(name):
     model = randomize(Gemma(CONFIGS[name]))

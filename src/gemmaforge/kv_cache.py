@@ -27,6 +27,7 @@ question), ``rewind`` (drop rejected draft tokens). Shapes never change, so CUDA
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,7 @@ class KVCache:
         self.global_pos = torch.full((num_rows, max_len + 1), -1, dtype=torch.long, device=device)
         self.ring_pos = torch.full((num_rows, self.ring + 1), -1, dtype=torch.long, device=device)
         self.lengths = [0] * num_rows  # host copy: tokens held by each row
+        self._prefixes: dict[int, KVCache] = {}
 
     @property
     def slack(self) -> int:
@@ -77,11 +79,27 @@ class KVCache:
         """The longest row's length (for callers that treat the pool as one batch)."""
         return max(self.lengths)
 
+    def prefix(self, n: int) -> KVCache:
+        """Rows 0..n-1 as a cache of their own: views of this pool's buffers and the same host
+        ``lengths`` list, so writes and ``advance`` land in the pool. A decode step over the live
+        rows only, when they are the first n (the scheduler keeps them there): on CPU every idle
+        row of a whole-pool step costs as much as a live one (docs/serving.md, "KV budget")."""
+        if n == self.num_rows:
+            return self
+        view = self._prefixes.get(n)
+        if view is None:
+            view = copy.copy(self)
+            view.num_rows, view._prefixes = n, {}
+            view.k, view.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
+            view.global_pos, view.ring_pos = self.global_pos[:n], self.ring_pos[:n]
+            self._prefixes[n] = view
+        return view
+
     # ---- pool operations -----------------------------------------------------------------------
     def reset(self) -> None:
         self.global_pos.fill_(-1)
         self.ring_pos.fill_(-1)
-        self.lengths = [0] * self.num_rows
+        self.lengths[:] = [0] * self.num_rows  # in place: prefix() views share the list
 
     def free(self, row: int) -> None:
         """Row ``row`` holds nothing any more (its keys stay but are masked: position -1)."""

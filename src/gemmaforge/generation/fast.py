@@ -206,10 +206,14 @@ class FastForward:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice | None = None,
                  columns: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """Logits of the last column [B, V] (``columns`` None) or of the given columns [B, C, V]."""
-        whole_pool = rows is None or rows.indices(cache.num_rows) == (0, cache.num_rows, 1)
-        if tokens.shape[1] > 1 or not whole_pool or columns is not None:
+        start, stop, stride = (0, cache.num_rows, 1) if rows is None else rows.indices(cache.num_rows)
+        # The first rows of the pool (the scheduler's live rows) take the compiled step too, over a
+        # view of them; not with CUDA graphs, which replay one recorded batch size.
+        first_rows = start == 0 and stride == 1 and (stop == cache.num_rows or not self.graphs)
+        if tokens.shape[1] > 1 or not first_rows or columns is not None:
             h = self.model.hidden_states(tokens, positions, cache, rows=rows)
             return self.model.logits(h[:, -1] if columns is None else h[:, columns]).float()
+        cache = cache.prefix(stop)
         # Read once on the host: the attended length is the longest *live* row's (idle rows, which
         # may still hold a finished request's keys for prefix reuse, have position -1).
         pos = positions[:, 0].tolist()

@@ -173,8 +173,12 @@ class Scheduler:
             reuse, first = 0, None
             if self.prefix_reuse and request.prompt_logprobs is None:
                 reuse, first = max(((self._reusable(r, request.prompt), r) for r in free), default=(0, None))
-            # The other rows: the least recently released first, so recent prefixes stay longest.
-            others = sorted((r for r in free if r != first or reuse == 0), key=lambda r: self._freed_at[r])
+            # The other rows: first those below the last busy row, the least recently released
+            # first (recent prefixes stay longest); then upwards from there, since a decode step
+            # covers rows 0..last busy one (_decode), and a higher row widens every step.
+            top = max((r for r, s in enumerate(self.rows) if s is not None), default=-1)
+            others = sorted((r for r in free if r != first or reuse == 0),
+                            key=lambda r: (0, self._freed_at[r]) if r < top else (1, r))
             rows = ([first] if reuse else []) + others[: len(seqs) - (1 if reuse else 0)]
             for seq, row in zip(seqs, rows):
                 seq.row = row
@@ -205,14 +209,17 @@ class Scheduler:
         if not live:
             return []
         dev = self.engine.device
-        tokens, positions = [0] * self.num_rows, [-1] * self.num_rows
+        # Rows 0..width-1 only: rows above the last live one would cost as much as live ones.
+        width = max(s.row for s in live) + 1
+        tokens, positions = [0] * width, [-1] * width
         for s in live:
             tokens[s.row] = s.tokens[-1]
             positions[s.row] = self.cache.lengths[s.row]
         logits = self.engine.forward(torch.tensor(tokens, device=dev)[:, None],
-                                     torch.tensor(positions, device=dev)[:, None], self.cache)
+                                     torch.tensor(positions, device=dev)[:, None], self.cache,
+                                     rows=None if width == self.num_rows else slice(0, width))
         rows = [s.row for s in live]
-        return self._sample(live, logits[rows] if len(rows) < self.num_rows else logits, rows)
+        return self._sample(live, logits[rows] if len(rows) < width else logits, rows)
 
     def _prefill_chunk(self) -> list[Event]:
         if self._prefill is None:

@@ -41,8 +41,11 @@ def create_app(runner: Runner, tokenizer, *, model_name: str, api_keys: tuple[st
     @asynccontextmanager
     async def lifespan(app):
         runner.start()
-        if warmup:  # compile the decode step now, not in the first client's TTFT
-            await _collect([_job(runner, tokenizer, [tokenizer.bos_id or 0] * 2, 2, 0)], runner, None)
+        if warmup:  # compile the decode step now, not in the first client's TTFT: two requests,
+            # so that one live row and several (a dynamic batch size; scheduler._decode) are both compiled
+            bos = tokenizer.bos_id or 0
+            await _collect([_job(runner, tokenizer, [bos] * 2, 3, tag) for tag in range(min(2, runner.num_rows))],
+                           runner, None)
         state["ready"] = True
         yield
         runner.stop()
