@@ -471,3 +471,50 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, model_dir, tmp_path, capsys)
     assert err.startswith("gemmaforge: error: ") and "\n" not in err
     if case == "short":
         assert "fewer than ngram_len=5" in err
+
+
+# ---- the server -------------------------------------------------------------------------------------
+def test_server_started_with_watermark_marks_every_completion(model_dir, tmp_path):
+    """`gemmaforge serve --watermark KEYFILE`: the completion is what `generate(watermark=)` gives
+    and detects as watermarked; the same server without the flag gives the plain text."""
+    pytest.importorskip("fastapi")
+    import argparse
+
+    from starlette.testclient import TestClient
+
+    from gemmaforge.commands import serve as serve_cmd
+
+    keys = tmp_path / "keys.json"
+    WatermarkConfig(tuple(KEYS)).save(keys)
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_arguments(parser)
+    body = {"prompt": "Hello there", "max_tokens": 24, "temperature": 1.0, "seed": 5}
+    texts = {}
+    for name, extra in (("marked", ["--watermark", str(keys)]), ("plain", [])):
+        args = parser.parse_args(["--model", str(model_dir), "--max-batch", "2", "--kv-budget-mb", "64", *extra])
+        app, _ = serve_cmd.build(args)
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            texts[name] = r.json()["choices"][0]["text"]
+    model, tok = gemmaforge.load(model_dir), load_tokenizer(model_dir)
+    wm = WatermarkConfig.load(keys).watermark()
+    assert gemmaforge.generate(model, tok, "Hello there", watermark=wm, temperature=1.0, seed=5,
+                               max_new_tokens=24) == [texts["marked"]]
+    assert gemmaforge.generate(model, tok, "Hello there", temperature=1.0, seed=5, max_new_tokens=24) == [texts["plain"]]
+    assert texts["marked"] != texts["plain"]
+    assert Detector(wm).detect_text(texts["marked"], tok).p_value < Detector(wm).detect_text(texts["plain"], tok).p_value
+    # a bad keys file stops the server before the model loads: one line, exit 2
+    from gemmaforge import cli
+
+    keys.write_text("{\"keys\": [1,")
+    assert cli.main(["serve", "--model", str(model_dir), "--watermark", str(keys)]) == 2
+
+
+def test_stream_with_watermark_gives_generates_text(model_dir):
+    model, tok = gemmaforge.load(model_dir), load_tokenizer(model_dir)
+    wm = ours()
+    opts = dict(temperature=1.0, seed=9, max_new_tokens=20)
+    streamed = "".join(gemmaforge.stream(model, tok, "Hello there", watermark=wm, **opts))
+    assert [streamed] == gemmaforge.generate(model, tok, "Hello there", watermark=wm, **opts)
+    assert [streamed] != gemmaforge.generate(model, tok, "Hello there", **opts)

@@ -31,6 +31,7 @@ COMMANDS = {
     "reward": "train a Bradley-Terry reward model on preference pairs",
     "reward-score": "score preference pairs or single completions with a reward model",
     "rl": "RLOO with a KL penalty to the frozen reference; rollouts through the engine",
+    "compare": "side-by-side comparison of two models rated by a judge model (LLM Comparator JSON + HTML)",
 }
 
 

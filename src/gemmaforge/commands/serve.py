@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the row length)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; more get 503 (default 64)")
     p.add_argument("--no-prefix-reuse", action="store_true", help="always prefill the whole prompt")
+    p.add_argument("--watermark", default=None, metavar="KEYFILE",
+                   help="SynthID-Text watermark every completion with these keys (docs/watermark.md)")
 
 
 def _model_name(args) -> str:
@@ -59,6 +61,11 @@ def build(args: argparse.Namespace):
     if not 0 < args.kv_budget_mb:
         raise GemmaforgeError(f"--kv-budget-mb must be > 0, got {args.kv_budget_mb}")
     keys = tuple(args.api_key) + tuple(k for k in [os.environ.get("GEMMAFORGE_API_KEY")] if k)
+    marks = None
+    if getattr(args, "watermark", None) is not None:
+        from ..watermark import WatermarkConfig
+
+        marks = WatermarkConfig.load(args.watermark)  # a bad keys file fails before the slow model load
     model, tokenizer = load_model_and_tokenizer(args)
     dtype_bytes = torch.finfo(model.final_norm.weight.dtype).bits // 8
     rows, length = pool_shape(model.config, args.kv_budget_mb, args.max_batch, dtype_bytes)
@@ -67,7 +74,8 @@ def build(args: argparse.Namespace):
                               f"got {args.max_prompt_tokens}")
     engine = make_engine(model, args)
     runner = Runner(engine, tokenizer, num_rows=rows, max_len=length, max_queue=args.max_queue,
-                    prefix_reuse=not args.no_prefix_reuse)
+                    prefix_reuse=not args.no_prefix_reuse,
+                    watermark=None if marks is None else marks.watermark(engine.device))
     app = create_app(runner, tokenizer, model_name=_model_name(args), api_keys=keys,
                      max_prompt_tokens=args.max_prompt_tokens)
     return app, runner

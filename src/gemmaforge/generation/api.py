@@ -18,11 +18,10 @@ string is held back until it either completes one (then it is dropped) or cannot
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Iterator, Mapping, Sequence
 
 from ..chat import encode_chat
-from ..errors import GemmaforgeError
+from ..errors import GemmaforgeError, unknown_name
 from ..model import Gemma
 from ..tokenizer import Tokenizer
 from .engine import FINISHED, Engine
@@ -108,9 +107,7 @@ def sampling_params(params: SamplingParams | None = None, **sampling) -> Samplin
     names = [f.name for f in dataclasses.fields(SamplingParams)]
     for key in sampling:
         if key not in names:
-            hint = difflib.get_close_matches(key, names, n=1)
-            advice = f": did you mean {hint[0]!r}?" if hint else f"; use {', '.join(names)}"
-            raise GemmaforgeError(f"unknown sampling option {key!r}{advice}")
+            raise unknown_name("sampling option", key, names)
     if params is None:
         return SamplingParams(**sampling)
     return dataclasses.replace(params, **sampling) if sampling else params

@@ -68,10 +68,17 @@ class Job:
 
 class Runner:
     def __init__(self, engine, tokenizer, *, num_rows: int, max_len: int, max_queue: int = 64,
-                 prefix_reuse: bool = True, slack: int = 16):
+                 prefix_reuse: bool = True, slack: int = 16, watermark=None):
         self.engine, self.tokenizer = engine, tokenizer
         self.scheduler = Scheduler(engine, num_rows, max_len, slack=slack, decode_during_prefill=True,
                                    prefix_reuse=prefix_reuse)
+        if watermark is not None:
+            # SynthID-Text on what this server generates (docs/watermark.md): a SynthIDTextWatermark for
+            # every request, or choose(request) -> watermark | None. The operator decides, not the
+            # client: a request field that could turn it off would defeat the point of the mark.
+            from ..watermark import attach_watermark
+
+            attach_watermark(self.scheduler, watermark)
         self.max_queue = max_queue
         self.metrics = Metrics()
         self._inbox: deque = deque()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_bytes, write_text
 from ..chat import encode_chat
 from ..errors import GemmaforgeError
 from ..generation.sampling import SamplingParams
@@ -72,7 +73,7 @@ def run_calibration(args) -> int:
         banned = sorted(tokenizer.stop_ids)
         texts = {name: _generate(engine, ids, params, args.batch_size, banned, mark, name)
                  for name, mark in (("watermarked", wm), ("plain", None))}
-        (out / "completions.json").write_text(json.dumps({"prompts": ids, **texts}) + "\n")
+        write_text(out / "completions.json", json.dumps({"prompts": ids, **texts}) + "\n")
         del engine, model
     gen_s = time.time() - t0
     results = evaluate(config, texts["watermarked"], texts["plain"], lengths, fpr=0.01, seed=args.seed)
@@ -85,7 +86,7 @@ def run_calibration(args) -> int:
         det = results.pop("_bayesian_all")
         det.save(args.save_detector)
     results.pop("_bayesian_all", None)
-    (out / "results.json").write_text(json.dumps(_public(results), indent=1) + "\n")
+    write_text(out / "results.json", json.dumps(_public(results), indent=1) + "\n")
     plot(results, out / "watermark_calibration.png")
     _print_summary(results)
     return 0
@@ -263,8 +264,12 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(f"SynthID-Text, depth {results['depth']}, ngram {results['ngram_len']}: "
                  f"{results['n']} watermarked vs {results['n']} plain completions", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    write_bytes(path, buf.getvalue())  # atomic: a reader never sees half a PNG
 
 
 def _public(results: dict) -> dict:

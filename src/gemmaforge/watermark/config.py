@@ -12,14 +12,13 @@ Anyone holding the keys can detect, and forge, the watermark: keep the file priv
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text
-from ..errors import GemmaforgeError
+from ..errors import GemmaforgeError, unknown_name
 
 _INT64 = 2**63
 MAX_TABLE_SIZE = 2**24  # transformers' SynthIDTextWatermarkingConfig.validate limit
@@ -81,9 +80,7 @@ class WatermarkConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                hint = difflib.get_close_matches(key, names, n=1)
-                advice = f": did you mean {hint[0]!r}?" if hint else f" (known: {', '.join(names)})"
-                raise GemmaforgeError(f"{source}: unknown field {key!r}{advice}")
+                raise GemmaforgeError(f"{source}: {unknown_name('field', key, names)}")
         if "keys" not in data:
             raise GemmaforgeError(f"{source}: no 'keys' (a list of integers, one per layer)")
         try:
