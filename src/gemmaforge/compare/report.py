@@ -15,6 +15,8 @@ import html
 import math
 from collections.abc import Sequence
 
+from ..stats import wilson
+
 WIN_THRESHOLD = 0.25
 BIN_EDGES = [-1.75, -1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 1.75]
 BIN_LABELS = ["B much better", "B better", "B slightly better", "same", "A slightly better", "A better",
@@ -36,16 +38,6 @@ def histogram_bin(score: float) -> int:
     pos = (score - BIN_EDGES[0]) / 0.5
     i = math.ceil(pos) - 1 if pos > 3.5 else math.floor(pos)
     return min(max(i, 0), 6)
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (k may be fractional: ties count half)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def slice_stats(examples: Sequence[dict]) -> dict:

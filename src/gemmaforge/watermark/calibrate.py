@@ -27,6 +27,7 @@ from ..atomic import write_bytes, write_text
 from ..chat import encode_chat
 from ..errors import GemmaforgeError
 from ..generation.sampling import SamplingParams
+from ..stats import wilson
 from .bayesian import BayesianDetector, keys_fingerprint
 from .config import WatermarkConfig
 from .detector import features
@@ -173,7 +174,7 @@ def _load_completions(path, ids, length) -> dict:
 
 def _rates(pos: torch.Tensor, neg: torch.Tensor, pos_hit: torch.Tensor, neg_hit: torch.Tensor) -> dict:
     tpr, emp_fpr = float(pos_hit.double().mean()), float(neg_hit.double().mean())
-    lo, hi = _wilson(int(pos_hit.sum()), len(pos))
+    lo, hi = wilson(int(pos_hit.sum()), len(pos))
     fp, tp = _roc(pos, neg)
     auc = float(torch.trapezoid(torch.tensor(tp), torch.tensor(fp)))
     return {"tpr": tpr, "tpr_95ci": [lo, hi], "fpr_seen": emp_fpr, "auc": auc, "roc": [fp, tp],
@@ -188,16 +189,6 @@ def _roc(pos: torch.Tensor, neg: torch.Tensor) -> tuple[list[float], list[float]
     tp = torch.cat([torch.zeros(1), labels[order].cumsum(0)]) / len(pos)
     fp = torch.cat([torch.zeros(1), (1 - labels[order]).cumsum(0)]) / len(neg)
     return fp.tolist(), tp.tolist()
-
-
-def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson interval of a proportion k/n (small n: the normal interval would leave [0, 1])."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _perplexities(args, ids, texts) -> dict:
