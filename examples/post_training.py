@@ -101,7 +101,7 @@ def sft(args) -> dict:
     seconds = time.time() - t0
     tuned = gemmaforge.load(root / "run" / "model")
     sample_after = gemmaforge.generate(tuned, tok, [question], **params)[0]
-    plot_metrics(root / "run", ["ce", "loss"], Path(args.docs) / "post_training_sft.png")
+    plot_metrics(root / "run", ["loss"], Path(args.docs) / "post_training_sft.png")
     results = {"conversations": len(rows), "train_rows_packed": recipe.batches(cfg, meta, "train").num_samples,
                "val_conversations": len(val.seqs), "val_rows_packed": val.num_samples, "steps": args.steps, "train_seconds": round(seconds),
                "val_reply_loss_before": before.loss, "val_reply_loss_after": result["val"]["loss"],
@@ -186,7 +186,7 @@ def rl(args) -> dict:
         atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(None, common(root / "run", data=str(data), val_data=str(val), chat_template=False, seq_len=64,
                                    batch_size=16, rollouts_per_prompt=4, max_new_tokens=4, max_steps=args.steps,
-                                   lr=5e-5, min_lr=5e-6, lora_rank=16, lora_alpha=32.0, kl_coef=0.05,
+                                   lr=2e-4, min_lr=2e-5, lora_rank=16, lora_alpha=32.0, kl_coef=0.05,
                                    reward=f"{HERE / 'rewards.py'}:arithmetic", eval_every=max(1, args.steps // 4),
                                    save_every=args.steps, eval_batches=2, seed=0))
     t0 = time.time()
@@ -360,7 +360,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=16, help="gkd: completion length")
     args = p.parse_args(argv)
-    args.steps = args.steps or {"sft": 16, "reward": 40, "rl": 24, "gkd": 12}[args.part]
+    args.steps = args.steps or {"sft": 16, "reward": 16, "rl": 12, "gkd": 12}[args.part]
     torch.manual_seed(0)
     t0 = time.time()
     {"sft": sft, "reward": reward, "rl": rl, "gkd": gkd}[args.part](args)

@@ -101,14 +101,16 @@ def test_a_gemma3_reward_model_loads_in_transformers_with_the_same_scores(tmp_pa
         torch.testing.assert_close(hf(batch).logits[:, 0], torch.tensor(want), rtol=1e-4, atol=1e-4)
 
 
-def test_reward_training_resumes_identically(tmp_path, tok_path, monkeypatch):
+@pytest.mark.parametrize("lora", [0, 4])  # with LoRA the score head resumes from trainer.pt with the adapters
+def test_reward_training_resumes_identically(tmp_path, tok_path, monkeypatch, lora):
     import gemmaforge.train.loop as loop
 
-    train(rm_cfg(tmp_path, tok_path, "whole", max_steps=6, save_every=3, eval_every=3, log_every=1), recipe=Reward())
+    kw = dict(max_steps=6, save_every=3, eval_every=3, log_every=1, lora_rank=lora, lora_alpha=8.0)
+    train(rm_cfg(tmp_path, tok_path, "whole", **kw), recipe=Reward())
     real_step = loop.train_step
     monkeypatch.setattr(loop, "train_step", lambda run, step: (_ for _ in ()).throw(KeyboardInterrupt)
                         if step == 4 else real_step(run, step))
-    part = rm_cfg(tmp_path, tok_path, "part", max_steps=6, save_every=3, eval_every=3, log_every=1)
+    part = rm_cfg(tmp_path, tok_path, "part", **kw)
     with pytest.raises(KeyboardInterrupt):
         train(part, recipe=Reward())
     monkeypatch.setattr(loop, "train_step", real_step)

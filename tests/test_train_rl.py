@@ -138,6 +138,7 @@ def test_a_reward_model_as_the_reward(tmp_path, tok_path):
     (dict(reward="post_training_data:nothing_here"), "has no function 'nothing_here'"),
     (dict(reward="no_such_module_xyz:f"), "cannot import the reward module"),
     (dict(batch_size=6), "multiples of rollouts_per_prompt"),
+    (dict(rollouts_per_prompt=1), "needs at least 2 samples"),
     (dict(reward="post_training_data:write_jsonl"), None),  # returns a Path: not one number per completion
 ])
 def test_bad_rl_input_is_one_line_exit_2(tmp_path, tok_path, capsys, kw, match):

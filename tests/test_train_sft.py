@@ -136,6 +136,9 @@ def test_lora_trains_only_adapters_merges_at_save_and_resumes(tmp_path, tok_path
     assert blob["adapters"] and all(".lora_" in k for k in blob["adapters"])
     with pytest.raises(gemmaforge.GemmaforgeError, match="lora_rank"):
         train(sft_cfg(tmp_path, tok_path, "whole", max_steps=8), recipe=SFT())  # a full fine-tune cannot resume adapters
+    other = dict(lora, lora_targets="q_proj,v_proj")  # same rank, other modules: the adapter keys differ
+    with pytest.raises(gemmaforge.GemmaforgeError, match="adapters that do not match.*unexpected layers.0.mlp.down_proj"):
+        train(sft_cfg(tmp_path, tok_path, "whole", max_steps=8, **other), recipe=SFT())
 
 
 @pytest.mark.parametrize("lines,match", [

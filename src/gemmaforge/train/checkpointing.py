@@ -92,7 +92,7 @@ def save_checkpoint(run_dir: str | Path, step: int, student: nn.Module, optimize
         with publish_dir(final) as tmp:  # replaces a same-step checkpoint of an earlier attempt
             export_model(model_state, student.config, tmp / "model", tokenizer_file)
             blob = {"trainer": trainer_state, "optimizer": optim_state}
-            adapters = adapter_state(model_state)
+            adapters = _trained_apart(model_state)
             if adapters:  # model/ holds the merged weights; resume needs the adapters themselves
                 blob["adapters"] = adapters
             torch.save(blob, tmp / "trainer.pt")
@@ -100,6 +100,49 @@ def save_checkpoint(run_dir: str | Path, step: int, student: nn.Module, optimize
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return final
+
+
+def _trained_apart(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a LoRA run's resume cannot take from ``model/`` (whose weights are merged): the adapters,
+    and a reward model's score head, which trains with them (docs/post_training.md section 2). Empty
+    without LoRA."""
+    from .reward import SCORE
+
+    adapters = adapter_state(state)
+    if adapters and SCORE in state:
+        adapters[SCORE] = state[SCORE]
+    return adapters
+
+
+def _load_adapters(path: Path, student: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's adapters on top of the frozen base the run loaded, with strict key checks:
+    the saved entries must be exactly the model's adapter entries, of the same shapes (another
+    ``lora_targets`` would otherwise load in part and train on silently). Each is then copied into its
+    parameter or buffer: under FSDP2 ``state_dict()`` has the same names and global shapes, its
+    parameters being DTensors, which get their shard of the full tensor (every process runs the same
+    copies in the same order)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = _trained_apart(dict(student.state_dict()))  # detached views: copying into them sets the model
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or unexpected:
+        detail = "; ".join(part for part in (f"missing {', '.join(missing[:3])}" if missing else "",
+                                             f"unexpected {', '.join(unexpected[:3])}" if unexpected else "") if part)
+        raise GemmaforgeError(f"{path / 'trainer.pt'} holds adapters that do not match this run's ({detail}): "
+                              "resume with the lora_targets it was trained with, or use a new out directory")
+    for key in sorted(saved):
+        if tuple(saved[key].shape) != tuple(own[key].shape):
+            raise GemmaforgeError(f"{path / 'trainer.pt'}: adapter {key} has shape {tuple(saved[key].shape)}, this "
+                                  f"run's {tuple(own[key].shape)}: resume with the same lora settings, or use a new "
+                                  "out directory")
+    with torch.no_grad():
+        for key in sorted(saved):
+            dest = own[key]
+            if isinstance(dest, DTensor):
+                full = saved[key].to(device=dest.device, dtype=dest.dtype)
+                dest.copy_(distribute_tensor(full, dest.device_mesh, dest.placements))
+            else:
+                dest.copy_(saved[key])
 
 
 def clean_partial(run_dir: str | Path) -> None:
@@ -121,7 +164,7 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
     if check is not None:
         check(blob["trainer"])
     if "adapters" in blob:  # LoRA: the frozen base is the run's ``model``, loaded already
-        set_model_state_dict(student, blob["adapters"], options=StateDictOptions(full_state_dict=True, strict=False))
+        _load_adapters(path, student, blob["adapters"])
     else:
         state = {name: t for name, t, _ in read_tensors(path / "model", extra=frozenset({"score.weight"}))}
         set_model_state_dict(student, state, options=StateDictOptions(full_state_dict=True))

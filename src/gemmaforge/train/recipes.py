@@ -206,6 +206,9 @@ class RL(JsonlRecipe):
 
     def batches(self, cfg, meta, split):
         k = cfg.rollouts_per_prompt
+        if k < 2:  # the baseline of one sample is itself: every advantage would be 0 and nothing would train
+            raise GemmaforgeError(f"rollouts_per_prompt {k}: RLOO's leave-one-out baseline needs at least 2 samples "
+                                  "per prompt")
         micro = cfg.micro_batch_size or cfg.batch_size
         if split == "train" and (cfg.batch_size % k or micro % k):
             raise GemmaforgeError(f"batch_size {cfg.batch_size} and micro_batch_size {micro} must be multiples of "
