@@ -472,7 +472,7 @@ def test_bad_jsonl_line_is_named(eval_cli, tmp_path):
     (tmp_path / "boolq").mkdir()
     (tmp_path / "boolq" / "validation.jsonl").write_text('{"question": "q"}\nnot json\n')
     code, err = eval_cli("--tasks", "boolq", "--data", tmp_path)
-    assert code == 2 and "validation.jsonl line 2 is not JSON" in err
+    assert code == 2 and "validation.jsonl line 2 is not valid JSON" in err
 
 
 @pytest.mark.parametrize("limit", ["0", "-3"])

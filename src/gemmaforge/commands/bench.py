@@ -3,6 +3,7 @@
     gemmaforge bench                                   # the embedded Gemma 3 270M, all variants
     gemmaforge bench --variants gemmaforge:int4,hf:fp32 --new-tokens 16 --out bench.json
     gemmaforge bench serve --help                      # the serving benchmark (commands/bench_serve.py)
+    gemmaforge bench eval --help                       # gemmaforge eval against lm-eval's HF backend (eval/bench.py)
 
 Prints a markdown table (ratios against HF transformers float32) and writes the full report as JSON.
 What each column means is in ``gemmaforge.benchmark``; recorded results are in docs/benchmarks.md.
@@ -21,11 +22,15 @@ from ..errors import GemmaforgeError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # `bench serve` is a sub-mode with its own flags; without the word, `bench` is the inference benchmark
-    modes = p.add_subparsers(dest="bench_mode", metavar="{serve}")
+    modes = p.add_subparsers(dest="bench_mode", metavar="{serve,eval}")
     serve_help = "streaming load against gemmaforge serve, llama-server and llama_cpp.server"
     from . import bench_serve
 
     bench_serve.add_arguments(modes.add_parser("serve", help=serve_help, description=serve_help))
+    eval_help = "gemmaforge eval against lm-eval's HF backend: samples/s and identical scores"
+    from ..eval import bench as bench_eval
+
+    bench_eval.add_arguments(modes.add_parser("eval", help=eval_help, description=eval_help))
     d = BenchSettings()
     p.add_argument("--model", default=None,
                    help="HF directory, .gguf file or preset name (default: the embedded Gemma 3 270M)")
@@ -57,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
         from . import bench_serve
 
         return bench_serve.run(args)
+    if args.bench_mode == "eval":
+        from ..eval import bench as bench_eval
+
+        return bench_eval.run(args)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants:
         raise GemmaforgeError("--variants is empty: give at least one backend:precision, e.g. gemmaforge:fp32")

@@ -14,11 +14,11 @@ each subject task picks its rows (``spec.row_filter``).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ..errors import GemmaforgeError
+from ..train.data import read_jsonl
 from .tasks.spec import TaskSpec
 
 FORMATS = (".parquet", ".jsonl")
@@ -74,19 +74,8 @@ class DataSource:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GemmaforgeError(f"{path} line {n} is not JSON ({e.msg}): one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise GemmaforgeError(f"{path} line {n} is not a JSON object: one object (a row) per line")
-            rows.append(row)
-    return rows
+    """One JSON object per line (train.data.read_jsonl: a bad line is an error naming it)."""
+    return [row for _, row in read_jsonl(path)]
 
 
 def _read_parquet(path: Path) -> list[dict]:

@@ -13,12 +13,15 @@ use ``<bos>`` as the prefix token.
 
 What is faster than scoring each (context, continuation) as one sequence:
 - requests are grouped by context and the groups sorted by their tokens, so a batch holds questions
-  that share a few-shot block; the batch's common prefix is prefilled once into one cache row and
-  forked (``KVCache.fork``) into every question's rows;
-- each question's own context is prefilled once and forked into one row per choice;
+  that share a few-shot block; one pool serves the whole call and its last row keeps the prefix the
+  batch's contexts share, rewound only to what the next batch shares (a task's few-shot block is
+  prefilled once per call), and forked (``KVCache.fork``) into every question's row;
+- the questions' own tokens are prefilled together (one padded forward per chunk), and each
+  question's row is forked into one row per choice;
 - the choices are then scored together, only their own tokens fed, and the output head runs only on
   the columns that predict continuation tokens (``Engine.forward(columns=...)``).
-The numbers are the same as one forward per sequence up to float summation order.
+The numbers are the same as one forward per sequence up to float summation order. Generation stops
+a batch as soon as every row has hit a stop id or an ``until`` string.
 """
 
 from __future__ import annotations
@@ -79,6 +82,12 @@ class Scorer:
         order = sorted(groups)  # neighbours share prefixes (the same few-shot block)
         results: list[tuple[float, bool] | None] = [None] * len(encoded)
         bar = tqdm(total=len(encoded), desc="loglikelihood", disable=not self.progress, leave=False)
+        # One pool for the whole call: batch_size choice rows and, last, the prefix row, which keeps
+        # the longest prefix shared by a batch's contexts for the next batches (the few-shot block
+        # of one task is prefilled once, not once per batch).
+        widest = max(min(len(c) + len(x), self.max_length + 1) for c, x in encoded)
+        rows_needed = max(len(g) for g in groups.values())
+        pool = _Pool(self.engine.new_cache(max(self.batch_size, rows_needed) + 1, widest))
         start = 0
         while start < len(order):
             batch, rows = [], 0  # whole groups, up to batch_size choice rows (at least one group)
@@ -87,38 +96,47 @@ class Scorer:
                 rows += len(groups[order[start]])
                 start += 1
             for (i, _), score in zip([x for ctx in batch for x in groups[ctx]],
-                                     self._score_batch([(list(ctx), [c for _, c in groups[ctx]]) for ctx in batch])):
+                                     self._score_batch([(list(ctx), [c for _, c in groups[ctx]]) for ctx in batch],
+                                                       pool)):
                 results[i] = score
                 bar.update(1)
         bar.close()
         return results
 
-    def _score_batch(self, batch: list[tuple[list[int], list[list[int]]]]) -> list[tuple[float, bool]]:
-        """Questions (context, [continuation per choice]) -> one score per choice, in order."""
-        dev = self.engine.device
-        n_rows = sum(len(conts) for _, conts in batch)
-        max_len = max(len(ctx) + max(map(len, conts)) for ctx, conts in batch)
-        cache = self.engine.new_cache(n_rows, max_len)
+    def _score_batch(self, batch: list[tuple[list[int], list[list[int]]]], pool: "_Pool") -> list[tuple[float, bool]]:
+        """Questions (context, [continuation per choice]) -> one score per choice, in order.
+
+        Rows: question q's context goes to row q (0..Q-1), its other choices to rows Q.. after it;
+        the pool's last row holds the shared prefix."""
+        dev, cache = self.engine.device, pool.cache
         # Each row is fed its context but the last token; that token starts the choice's forward,
         # so that every scored column is a choice column.
         bodies = [ctx[:-1] for ctx, _ in batch]
-        shared = _common_prefix(bodies) if len(batch) > 1 else []
-        bases = [0]
-        for _, conts in batch[:-1]:
-            bases.append(bases[-1] + len(conts))
-        if shared:
-            self._prefill(shared, 0, 0, cache)
-            cache.fork(0, bases[1:])
-        for base, body, (_, conts) in zip(bases, bodies, batch):
-            self._prefill(body[len(shared):], len(shared), base, cache)
-            cache.fork(base, list(range(base + 1, base + len(conts))))
-        # The choices: [last context token, continuation[:-1]] per row, right-padded (position -1).
-        feeds = [(len(ctx) - 1, [ctx[-1], *cont[:-1]], cont) for ctx, conts in batch for cont in conts]
-        scores = []
+        shared = _common_prefix(bodies)
+        have = pool.reuse(shared)  # tokens of ``shared`` the prefix row already holds
+        if have < len(shared):
+            self._prefill([shared[have:]], have, slice(pool.prefix_row, pool.prefix_row + 1), cache)
+            pool.held = list(shared)
+        n_q = len(batch)
+        cache.fork(pool.prefix_row, list(range(n_q)))
+        self._prefill([b[len(shared):] for b in bodies], len(shared), slice(0, n_q), cache)
+        row_of, extra = [], n_q  # (question, choice) -> pool row
+        for q, (_, conts) in enumerate(batch):
+            mine = [q] + list(range(extra, extra + len(conts) - 1))
+            cache.fork(q, mine[1:])
+            extra += len(conts) - 1
+            row_of.append(mine)
+        # The choices: [last context token, continuation[:-1]] per row, right-padded (position -1),
+        # in pool-row order; scores come back in request order.
+        feeds: list = [None] * extra
+        for q, (ctx, conts) in enumerate(batch):
+            for k, cont in enumerate(conts):
+                feeds[row_of[q][k]] = (len(ctx) - 1, [ctx[-1], *cont[:-1]], cont)
+        by_row: list = [None] * extra
         row = 0
-        while row < n_rows:
+        while row < extra:
             end, width = row + 1, len(feeds[row][1])  # rows while rows x widest <= the column budget
-            while end < n_rows and (end - row + 1) * max(width, len(feeds[end][1])) <= _COLUMNS_PER_FORWARD:
+            while end < extra and (end - row + 1) * max(width, len(feeds[end][1])) <= _COLUMNS_PER_FORWARD:
                 width = max(width, len(feeds[end][1]))
                 end += 1
             tokens = torch.zeros(end - row, width, dtype=torch.long)
@@ -128,22 +146,33 @@ class Scorer:
                 positions[r, : len(fed)] = torch.arange(at, at + len(fed))
             logits = self.engine.forward(tokens.to(dev), positions.to(dev), cache, rows=slice(row, end),
                                          columns=list(range(width)))
+            logp = torch.log_softmax(logits.float(), dim=-1)
             for r, (_, fed, cont) in enumerate(feeds[row:end]):
-                logp = torch.log_softmax(logits[r, : len(cont)].float(), dim=-1)
                 target = torch.tensor(cont, device=logp.device)
-                scores.append((float(logp.gather(1, target[:, None]).sum()),
-                               bool((logp.argmax(-1) == target).all())))
+                lp = logp[r, : len(cont)]
+                by_row[row + r] = (float(lp.gather(1, target[:, None]).sum()),
+                                   bool((lp.argmax(-1) == target).all()))
             row = end
-        return scores
+        return [by_row[r] for mine in row_of for r in mine]
 
-    def _prefill(self, ids: list[int], start: int, row: int, cache) -> None:
-        """Feed ``ids`` (positions start..) into pool row ``row``, in chunks, for the cache only."""
+    def _prefill(self, ids: list[list[int]], start: int, rows: slice, cache) -> None:
+        """Feed ``ids[i]`` (positions start..) into pool row ``rows.start + i``, right-padded, in
+        chunks, for the cache only."""
         dev, chunk = self.engine.device, self.engine.prefill_chunk
-        for a in range(0, len(ids), chunk):
-            piece = ids[a : a + chunk]
-            self.engine.forward(torch.tensor([piece], device=dev),
-                                torch.arange(start + a, start + a + len(piece), device=dev)[None], cache,
-                                rows=slice(row, row + 1), columns=[])
+        longest = max(map(len, ids))
+        for a in range(0, longest, chunk):
+            width = min(chunk, longest - a)
+            tokens = torch.zeros(len(ids), width, dtype=torch.long)
+            positions = torch.full((len(ids), width), -1, dtype=torch.long)
+            live = False
+            for r, seq in enumerate(ids):
+                piece = seq[a : a + width]
+                if piece:
+                    live = True
+                    tokens[r, : len(piece)] = torch.tensor(piece)
+                    positions[r, : len(piece)] = torch.arange(start + a, start + a + len(piece))
+            if live:
+                self.engine.forward(tokens.to(dev), positions.to(dev), cache, rows=rows, columns=[])
 
     # ---- rolling log-likelihood (perplexity tasks) ----------------------------------------------------------
     @torch.inference_mode()
@@ -180,12 +209,26 @@ class Scorer:
         return out
 
     def _greedy(self, ids: list[list[int]], until: tuple[str, ...], max_gen: int) -> list[str]:
-        params = SamplingParams(temperature=0.0, max_new_tokens=max_gen, stop=until)
-        texts = []
-        for row in self.engine.generate(ids, params, self.tok.stop_ids):
-            stream = TextStream(self.tok, until, self.tok.stop_ids)
-            texts.append("".join([stream.feed(t) for t in row] + [stream.finish()]))
-        return texts
+        """The Engine's lock-step greedy decode of the batch, stopped as soon as every row has
+        emitted a stop id or completed an ``until`` string (the engine itself stops rows on ids
+        only): the text after a stop string is never used, so the result is the same as decoding
+        ``max_gen`` tokens and cutting."""
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_gen)
+        streams = [TextStream(self.tok, until, self.tok.stop_ids) for _ in ids]
+        texts = [[] for _ in ids]
+        steps = self.engine.steps(ids, params, self.tok.stop_ids)
+        try:
+            for step in steps:
+                for r, t in enumerate(step.tolist()):
+                    if t >= 0 and not streams[r].done:
+                        texts[r].append(streams[r].feed(t))
+                    elif t < 0 and not streams[r].done:  # FINISHED: the row's stop id came earlier
+                        texts[r].append(streams[r].finish())
+                if all(st.done for st in streams):
+                    break
+        finally:
+            steps.close()
+        return ["".join(parts) + st.finish() for parts, st in zip(texts, streams)]
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -202,6 +245,25 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[
         windows.append((tokens[end - max_len - 1 : end - 1], tokens[end - n : end]))
         done = end
     return [(ctx[: len(ctx) - (len(cont) - 1)], cont) for ctx, cont in windows]
+
+
+class _Pool:
+    """One scoring call's cache and what its prefix row (the last) holds."""
+
+    def __init__(self, cache):
+        self.cache, self.prefix_row, self.held = cache, cache.num_rows - 1, []
+
+    def reuse(self, prefix: list[int]) -> int:
+        """Cut the prefix row back to what it shares with ``prefix``; the tokens it keeps."""
+        n = len(_common_prefix([self.held, prefix])) if self.held else 0
+        drop = len(self.held) - n
+        if drop and not self.cache.can_rewind(self.prefix_row, drop):
+            self.cache.free(self.prefix_row)  # its ring has overwritten keys: start over
+            n, drop = 0, 0
+        if drop:
+            self.cache.rewind(self.prefix_row, drop)
+        self.held = self.held[:n]
+        return n
 
 
 def _common_prefix(seqs: list[list[int]]) -> list[int]:
