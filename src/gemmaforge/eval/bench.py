@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import statistics
 import time
 from pathlib import Path
 
@@ -234,7 +233,7 @@ def format_report(r: dict) -> str:
                      f" | {', '.join(f'{x:.1f}' for x in r['seconds'][side])} |")
     lines += ["", f"ratio (gemmaforge / lm-eval HF samples/s): {r['ratio']:.2f}x best, "
               f"each run {', '.join(f'{x:.2f}x' for x in r['ratio_each_run'])}",
-              f"acc: " + ", ".join(f"{k} {v:.4f}" for k, v in r["scores"][g].items()),
+              "acc: " + ", ".join(f"{k} {v:.4f}" for k, v in r["scores"][g].items()),
               f"identical scores and per-sample predictions: {'yes' if r['identical_scores'] else 'NO'} "
               f"(max per-choice log-likelihood difference {r['max_loglikelihood_difference']:.2e})",
               f"load average (1/5/15 min) before and after each repeat: {r['load_average']}",
