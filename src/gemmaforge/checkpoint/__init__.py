@@ -77,8 +77,20 @@ def materialize(config: GemmaConfig, tensors: Iterable[tuple[str, torch.Tensor, 
     return model.eval()
 
 
-def load(source, dtype=None, device=None, *, seed: int = 0) -> Gemma:
-    """Load a model from an HF directory, a GGUF file, or a preset name (random weights, ``seed``)."""
+# What ``load`` does with a block-quantized GGUF file when neither ``dtype`` nor ``quant`` says:
+# "gguf" keeps the file's quantization (docs/quantization.md), "none" dequantizes to float32.
+DEFAULT_GGUF_QUANT = "none"
+GGUF_QUANTS = ("auto", "none", "gguf")
+
+
+def load(source, dtype=None, device=None, *, seed: int = 0, quant: str = "auto") -> Gemma:
+    """Load a model from an HF directory, a GGUF file, or a preset name (random weights, ``seed``).
+
+    ``quant`` (GGUF files only): "gguf" keeps block-quantized weights as stored (int8 codes and
+    block scales, gguf_quant.py; float32 activations), "none" dequantizes every tensor to ``dtype``,
+    "auto" is DEFAULT_GGUF_QUANT for a quantized file loaded without a ``dtype``, else "none"."""
+    if quant not in GGUF_QUANTS:
+        raise GemmaforgeError(f"unknown quant {quant!r} for load: use one of {', '.join(GGUF_QUANTS)}")
     if source is None:
         from ..default_model import default_model_path
 
@@ -89,10 +101,23 @@ def load(source, dtype=None, device=None, *, seed: int = 0) -> Gemma:
     if path.suffix == ".gguf" or _is_gguf(path):
         if not path.is_file():
             raise GemmaforgeError(f"GGUF file {path} does not exist: check the path")
-        from .gguf import read_gguf
+        from .gguf import is_quantized_file, read_gguf, read_gguf_packed
 
+        if quant == "auto":
+            # The header read only matters when the default keeps files quantized.
+            keep = DEFAULT_GGUF_QUANT != "none" and dtype is None and is_quantized_file(path)
+            quant = DEFAULT_GGUF_QUANT if keep else "none"
+        if quant == "gguf":
+            if dtype is not None and resolve_dtype(dtype, device) != torch.float32:
+                raise GemmaforgeError("quant='gguf' keeps float32 activations: leave dtype unset (or float32)")
+            from ..gguf_quant import build_model
+
+            config, tensors, _ = read_gguf_packed(path)
+            return build_model(config, tensors, device)
         ckpt = read_gguf(path)
         return materialize(ckpt.config, ((k, v, path) for k, v in ckpt.tensors.items()), dtype=dtype, device=device)
+    if quant == "gguf":
+        raise GemmaforgeError(f"quant='gguf' keeps a GGUF file's own quantization; {source} is not a GGUF file")
     if path.is_dir():
         from .hf import read_config, read_tensors
 

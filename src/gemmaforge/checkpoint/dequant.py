@@ -209,6 +209,14 @@ def nbytes(qtype: int | Q, shape: tuple[int, ...]) -> int:
     return math.prod(shape) // block_size * type_size
 
 
+def as_tensor(data: np.ndarray) -> torch.Tensor:
+    """A uint8 tensor over ``data``'s bytes, without a copy (``data`` may be a read-only map)."""
+    with warnings.catch_warnings():
+        # A read-only memmap is fine here: every user writes only to new tensors.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+
+
 def dequantize(raw: np.ndarray, qtype: int | Q, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
     """Unpack GGML tensor bytes into a torch tensor of ``shape`` (PyTorch order, row-major).
 
@@ -234,10 +242,7 @@ def dequantize(raw: np.ndarray, qtype: int | Q, shape: tuple[int, ...] | list[in
         values = gguf_quants.dequantize(rows, qtype).astype(np.float32, copy=False)
         return torch.from_numpy(values).reshape(shape)
 
-    with warnings.catch_warnings():
-        # A read-only memmap is fine here: every path below writes only to new tensors.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        blocks = torch.from_numpy(data).reshape(-1, fmt.type_size)
+    blocks = as_tensor(data).reshape(-1, fmt.type_size)
     if fmt.keep_dtype is not None:
         return blocks.view(fmt.keep_dtype).clone().reshape(shape)
 

@@ -234,19 +234,12 @@ class GGUFCheckpoint:
     tensor_types: dict[str, str] = field(repr=False)  # internal name -> ggml type name, e.g. "Q4_K"
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
-    """Read a gemma2/gemma3 GGUF file: config, dequantized tensors (float32, or the file's F16/BF16)."""
-    path, buf = _open(path)
-    try:
-        metadata, infos = _parse(buf, with_tensors=True)
-    except gguf_file.CorruptGGUF as e:
-        raise gguf_file.unreadable(path, e) from None
-    embed_rows = next((i.shape[0] for i in infos if i.name == "token_embd.weight"), None)
-    config = config_from_metadata(metadata, where=str(path), vocab_size=embed_rows)
+def _checked_tensors(path: Path, buf: mmap.mmap, infos: list[_TensorInfo], config: GemmaConfig):
+    """(internal name, info, raw bytes as a uint8 view of the map) for every tensor, in file order,
+    after the strict checks: known name, no duplicate, expected shape, supported type, in bounds;
+    then that no tensor is missing. The one place both readers (float and packed) check a file."""
     shapes = expected_shapes(config)
-
-    tensors: dict[str, torch.Tensor] = {}
-    tensor_types: dict[str, str] = {}
+    seen: set[str] = set()
     for info in infos:
         name = gguf_to_internal(info.name)
         if name not in shapes:
@@ -254,7 +247,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
                 f"{path} has unexpected tensor {info.name!r}: not part of a {config.family} model"
                 " of this shape"
             )
-        if name in tensors:
+        if name in seen:
             raise GemmaforgeError(f"{path} has tensor {info.name!r} twice: the file is malformed")
         if info.shape != shapes[name]:
             raise GemmaforgeError(
@@ -273,17 +266,72 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
                 f"{path} is truncated: tensor {info.name!r} ends at byte {info.offset + size:,} of"
                 f" {len(buf):,}: re-download it"
             )
-        raw = np.frombuffer(buf, dtype=np.uint8, count=size, offset=info.offset)
-        t = dequant.dequantize(raw, info.qtype, info.shape)
-        tensors[name] = t.float() - 1.0 if is_norm(name) else t
-        tensor_types[name] = info.qtype.name
-    missing = [n for n in shapes if n not in tensors]
+        seen.add(name)
+        yield name, info, np.frombuffer(buf, dtype=np.uint8, count=size, offset=info.offset)
+    missing = [n for n in shapes if n not in seen]
     if missing:
         raise GemmaforgeError(
             f"{path} is missing tensor {internal_to_gguf(missing[0])!r} ({len(missing)} missing):"
             " is this a complete text-model GGUF?"
         )
+
+
+def _open_checked(path: str | os.PathLike):
+    """(path, map, metadata, config, infos) of a GGUF file whose header parses; the caller closes the map."""
+    path, buf = _open(path)
+    try:
+        metadata, infos = _parse(buf, with_tensors=True)
+    except gguf_file.CorruptGGUF as e:
+        buf.close()
+        raise gguf_file.unreadable(path, e) from None
+    embed_rows = next((i.shape[0] for i in infos if i.name == "token_embd.weight"), None)
+    config = config_from_metadata(metadata, where=str(path), vocab_size=embed_rows)
+    return path, buf, metadata, config, infos
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Read a gemma2/gemma3 GGUF file: config, dequantized tensors (float32, or the file's F16/BF16)."""
+    path, buf, metadata, config, infos = _open_checked(path)
+    tensors: dict[str, torch.Tensor] = {}
+    tensor_types: dict[str, str] = {}
+    for name, info, raw in _checked_tensors(path, buf, infos, config):
+        t = dequant.dequantize(raw, info.qtype, info.shape)
+        tensors[name] = t.float() - 1.0 if is_norm(name) else t
+        tensor_types[name] = info.qtype.name
     return GGUFCheckpoint(path, config, tensors, metadata, tensor_types)
+
+
+def is_quantized_file(path: str | os.PathLike) -> bool:
+    """Whether any 2-D weight of the file is block-quantized (Q8_0, Q4_K, ...): a header-only read."""
+    from ..gguf_quant import is_packable
+
+    _, types_ = read_gguf_header(path)
+    return any(is_packable(GGMLQuantizationType[t]) for _, t, _ in types_ if t in GGMLQuantizationType.__members__)
+
+
+def read_gguf_packed(path: str | os.PathLike):
+    """(config, {internal name: float tensor or BlockQuantLinear}, ggml type names) without building the
+    float model: block-quantized weights are unpacked to int8 codes and block scales
+    (gguf_quant.py), one tensor at a time from the map, and each tensor's pages are dropped from
+    memory once unpacked, so the peak stays near the packed size (docs/quantization.md)."""
+    from ..gguf_quant import BlockQuantLinear, is_packable, unpack
+
+    path, buf, _, config, infos = _open_checked(path)
+    out: dict[str, Any] = {}
+    types_: dict[str, str] = {}
+    for name, info, raw in _checked_tensors(path, buf, infos, config):
+        if is_packable(info.qtype) and not is_norm(name) and len(info.shape) == 2:
+            out[name] = BlockQuantLinear(*unpack(dequant.as_tensor(raw), info.qtype, info.shape), info.qtype.name)
+        else:
+            t = dequant.dequantize(raw, info.qtype, info.shape).float()
+            out[name] = t - 1.0 if is_norm(name) else t
+        types_[name] = info.qtype.name
+        del raw  # the outputs never alias the map (unpack and dequantize copy)
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = info.offset + dequant.nbytes(info.qtype, info.shape)
+        buf.madvise(mmap.MADV_DONTNEED, start, end - start)  # read-only file pages: dropped, not lost
+    buf.close()
+    return config, out, types_
 
 
 # ---- writing ---------------------------------------------------------------------------------------

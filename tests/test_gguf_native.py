@@ -1,0 +1,146 @@
+"""Issue 14: GGUF block-quantized weights kept as stored (gguf_quant.py, docs/quantization.md).
+
+Oracles: ``gguf.quants.dequantize`` for the packed values (bit-exact), x @ dequantized.T for the
+chunked matmul, and the float32 load of the same file for whole-model logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gguf_quants
+
+import gemmaforge
+from gemmaforge.generation import Engine
+from gemmaforge import gguf_quant as gq
+from gemmaforge.checkpoint import gguf as G
+from gemmaforge.config import preset
+from gemmaforge.errors import GemmaforgeError
+
+RNG = np.random.default_rng(0)
+F16_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q2_K: [80, 82],
+              Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+
+
+def _random_blocks(qtype, rows=3, blocks_per_row=4):
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = RNG.integers(0, 256, size=(rows * blocks_per_row, size), dtype=np.uint8)
+    for at in F16_FIELDS[qtype]:  # sane f16 scales: random bytes would be NaN/inf
+        raw[:, at : at + 2] = RNG.normal(0, 0.02, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return raw, (rows, blocks_per_row * block)
+
+
+def test_every_packed_type_is_covered():
+    assert set(gq.FORMATS) == set(F16_FIELDS)
+    for qtype, (block, size, _, _) in gq.FORMATS.items():
+        assert (block, size) == GGML_QUANT_SIZES[qtype]
+
+
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
+def test_unpacked_codes_dequantize_to_the_gguf_values(qtype):
+    raw, shape = _random_blocks(qtype)
+    codes, scale, offset, group = gq.unpack(torch.from_numpy(raw.copy()), qtype, shape)
+    assert codes.dtype == torch.int8 and scale.shape == (shape[0], shape[1] // group)
+    assert (offset is not None) == (qtype in gq.HAS_OFFSET)
+    ours = gq.dequantize_codes(codes, scale, offset).numpy()
+    ref = gguf_quants.dequantize(raw.reshape(shape[0], -1), qtype).astype(np.float32)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+def test_unpack_does_not_alias_its_input():
+    raw, shape = _random_blocks(Q.Q8_0, rows=1, blocks_per_row=1)
+    t = torch.from_numpy(raw.copy())
+    codes, *_ = gq.unpack(t, Q.Q8_0, shape)
+    before = codes.clone()
+    t.zero_()
+    assert torch.equal(codes, before)
+
+
+def test_unpack_rejects_wrong_sizes():
+    raw, shape = _random_blocks(Q.Q4_K)
+    with pytest.raises(GemmaforgeError):
+        gq.unpack(torch.from_numpy(raw.copy()), Q.Q4_K, (shape[0], shape[1] + 256))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_chunked_matmul_equals_x_times_dequantized(qtype, rows, monkeypatch):
+    raw, shape = _random_blocks(qtype, rows=37, blocks_per_row=2)
+    lin = gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(raw.copy()), qtype, shape), qtype.name)
+    monkeypatch.setattr(gq, "_CHUNK_WEIGHTS", 3 * shape[1])  # several chunks and a ragged last one
+    gq._local.buf = None
+    x = torch.randn(rows, shape[1])
+    w = lin.dequantize()
+    ref = x @ w.T
+    bound = 1e-5 * (x.abs() @ w.abs().T) + 1e-7  # float32 accumulation order, relative to the terms
+    with torch.no_grad():
+        assert ((lin(x) - ref).abs() <= bound).all()
+    x.requires_grad_(True)  # autograd takes the reference path (no out= matmuls)
+    assert ((lin(x) - ref).abs() <= bound).all()
+
+
+def test_concat_is_exact_and_refuses_mixed_layouts():
+    a = gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(_random_blocks(Q.Q8_0)[0]), Q.Q8_0, (3, 128)), "Q8_0")
+    b = gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(_random_blocks(Q.Q5_0)[0]), Q.Q5_0, (3, 128)), "Q5_0")
+    k = gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(_random_blocks(Q.Q4_K, 3, 1)[0]), Q.Q4_K, (3, 256)), "Q4_K")
+    fused = gq.concat([a, b])
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    assert gq.concat([a, k]) is None
+
+
+def _tiny_q8_file(tmp_path):
+    c = preset("tiny-gemma3")  # adjusted to what GGUF stores, as tests/test_gguf.py's gguf_ready
+    c = c.replace(query_pre_attn_scalar=c.head_dim, rope_local_theta=10000.0)
+    g = torch.Generator().manual_seed(1)
+    tensors = {n: 0.1 * torch.randn(s, generator=g) for n, s in G.expected_shapes(c).items()}
+    return G.write_gguf(tmp_path / "tiny.gguf", c, tensors, dtype="q8_0")
+
+
+def test_load_gguf_quant_matches_the_float32_load(tmp_path):
+    path = _tiny_q8_file(tmp_path)
+    assert G.is_quantized_file(path)
+    ref = gemmaforge.load(path, quant="none")
+    native = gemmaforge.load(path, quant="gguf")
+    assert native.quantization.startswith("gguf Q8_0")
+    assert isinstance(native.embed, gq.BlockQuantEmbedding)
+    assert hasattr(native.layers[0].attn, "fused_qkv") and hasattr(native.layers[0].mlp, "fused_gate_up")
+    tokens = torch.randint(0, ref.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(native.embed(tokens), ref.embed(tokens), rtol=0, atol=0)
+        torch.testing.assert_close(native(tokens), ref(tokens), rtol=1e-4, atol=1e-4)
+    # a float32 request keeps today's path; a quantized model refuses to be saved
+    assert not getattr(gemmaforge.load(path, dtype="float32"), "quantization", None)
+    with pytest.raises(GemmaforgeError, match="quantized"):
+        G.save_gguf(native, tmp_path / "again.gguf")
+
+
+def test_load_gguf_quant_errors(tmp_path):
+    path = _tiny_q8_file(tmp_path)
+    with pytest.raises(GemmaforgeError, match="unknown quant"):
+        gemmaforge.load(path, quant="int3")
+    with pytest.raises(GemmaforgeError, match="float32 activations"):
+        gemmaforge.load(path, dtype="bfloat16", quant="gguf")
+    with pytest.raises(GemmaforgeError, match="not a GGUF"):
+        gemmaforge.load("tiny-gemma3", quant="gguf")
+
+
+# ---- the embedded 270M model (Q8_0 head, Q5_0/Q8_0/Q4_K/Q6_K layers) ------------------------------
+TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning the universe was created. This has"
+        " made a lot of people very angry and been widely regarded as a bad move. It was a bright cold")
+
+
+def test_embedded_model_native_matches_float32():
+    """Teacher-forced log-probs within 1e-3 of the float32 load, and the same greedy continuation."""
+    tok = gemmaforge.load_tokenizer(None)
+    ids = torch.tensor([tok.encode(TEXT)[:64]])  # <bos> included
+    ref = gemmaforge.load(None, dtype=torch.float32)
+    native = gemmaforge.load(None, quant="gguf")
+    with torch.inference_mode():
+        lp_ref, lp_nat = ref(ids).log_softmax(-1), native(ids).log_softmax(-1)
+        assert (lp_nat - lp_ref).abs().max().item() <= 1e-3
+        params = gemmaforge.SamplingParams(max_new_tokens=8)
+        outs = [gemmaforge.generate(Engine(m, compile=False), tok, ["The capital of France is"],
+                                    params=params)[0] for m in (ref, native)]
+    assert outs[0] == outs[1]
