@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from gemmaforge import serve_bench as sb
+from gemmaforge.serve_bench_report import format_table
 from gemmaforge.cli import main
 
 DELAY_S = 0.05  # before the first chunk
@@ -131,7 +132,7 @@ def test_missing_target_is_reported_not_raised(stub_url, tmp_path):
     # every level and warm-up draws its own windows: no prompt cache carries over between levels
     assert len({b["prompt"] for b in _Stub.received}) == len(_Stub.received)
     assert llama["status"].startswith("missing: no llama-server binary") and llama["levels"] == []
-    table = sb.format_table(report)
+    table = format_table(report)
     assert "missing: no llama-server binary" in table and stub_url in table
     assert "n/a" in table  # no baseline -> no ratios
     json.dumps(report)  # the report is plain JSON

@@ -70,7 +70,8 @@ def _range(flag: str, text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..serve_bench import format_summary, format_table, run_serve_benchmark
+    from ..serve_bench import run_serve_benchmark
+    from ..serve_bench_report import format_summary, format_table
     from ..benchmark import write_json
 
     settings = ServeBenchSettings(
