@@ -474,41 +474,96 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, model_dir, tmp_path, capsys)
 
 
 # ---- the server -------------------------------------------------------------------------------------
-def test_server_started_with_watermark_marks_every_completion(model_dir, tmp_path):
-    """`gemmaforge serve --watermark KEYFILE`: the completion is what `generate(watermark=)` gives
-    and detects as watermarked; the same server without the flag gives the plain text."""
-    pytest.importorskip("fastapi")
+def _serve(model_dir, *flags):
     import argparse
 
     from starlette.testclient import TestClient
 
     from gemmaforge.commands import serve as serve_cmd
 
-    keys = tmp_path / "keys.json"
-    WatermarkConfig(tuple(KEYS)).save(keys)
     parser = argparse.ArgumentParser()
     serve_cmd.add_arguments(parser)
+    args = parser.parse_args(["--model", str(model_dir), "--max-batch", "4", "--kv-budget-mb", "64", *flags])
+    return TestClient(serve_cmd.build(args)[0])
+
+
+def test_server_watermarks_every_completion_by_default(model_dir, tmp_path):
+    """`gemmaforge serve --watermark KEYFILE`: the completion is what `generate(watermark=)` gives,
+    names its key set, and detects as watermarked; a client cannot turn the mark off."""
+    pytest.importorskip("fastapi")
+    keys = tmp_path / "keys.json"
+    WatermarkConfig(tuple(KEYS)).save(keys)
     body = {"prompt": "Hello there", "max_tokens": 24, "temperature": 1.0, "seed": 5}
-    texts = {}
-    for name, extra in (("marked", ["--watermark", str(keys)]), ("plain", [])):
-        args = parser.parse_args(["--model", str(model_dir), "--max-batch", "2", "--kv-budget-mb", "64", *extra])
-        app, _ = serve_cmd.build(args)
-        with TestClient(app) as client:
-            r = client.post("/v1/completions", json=body)
-            assert r.status_code == 200, r.text
-            texts[name] = r.json()["choices"][0]["text"]
+    with _serve(model_dir, "--watermark", str(keys)) as client:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        marked = r.json()
+        off = client.post("/v1/completions", json={**body, "watermark": False})
+        unknown = client.post("/v1/completions", json={**body, "watermark": "tenant-b"})
+    assert marked["watermark"] == "keys"
     model, tok = gemmaforge.load(model_dir), load_tokenizer(model_dir)
     wm = WatermarkConfig.load(keys).watermark()
+    text = marked["choices"][0]["text"]
     assert gemmaforge.generate(model, tok, "Hello there", watermark=wm, temperature=1.0, seed=5,
-                               max_new_tokens=24) == [texts["marked"]]
-    assert gemmaforge.generate(model, tok, "Hello there", temperature=1.0, seed=5, max_new_tokens=24) == [texts["plain"]]
-    assert texts["marked"] != texts["plain"]
-    assert Detector(wm).detect_text(texts["marked"], tok).p_value < Detector(wm).detect_text(texts["plain"], tok).p_value
+                               max_new_tokens=24) == [text]
+    plain = gemmaforge.generate(model, tok, "Hello there", temperature=1.0, seed=5, max_new_tokens=24)[0]
+    assert text != plain
+    assert Detector(wm).detect_text(text, tok).p_value < Detector(wm).detect_text(plain, tok).p_value
+    for r in (off, unknown):
+        assert r.status_code == 400 and r.json()["error"]["param"] == "watermark", r.text
+    assert "every completion" in off.json()["error"]["message"]
+    assert "'keys'" in unknown.json()["error"]["message"]  # names the sets the server holds
     # a bad keys file stops the server before the model loads: one line, exit 2
     from gemmaforge import cli
 
     keys.write_text("{\"keys\": [1,")
     assert cli.main(["serve", "--model", str(model_dir), "--watermark", str(keys)]) == 2
+
+
+def test_server_watermarks_per_request_inside_one_batch(model_dir, tmp_path):
+    """`--watermark a=.. --watermark b=.. --watermark-requests opt-in`: three concurrent requests
+    (keys a, plain, keys b) share the pool; each gets exactly what `generate` gives it alone."""
+    pytest.importorskip("fastapi")
+    from concurrent.futures import ThreadPoolExecutor
+
+    sets = {"a": KEYS, "b": [k + 1000 for k in KEYS]}
+    for name, ks in sets.items():
+        WatermarkConfig(tuple(ks)).save(tmp_path / f"{name}.json")
+    flags = [x for name in sets for x in ("--watermark", f"{name}={tmp_path / name}.json")]
+    asks = {"a": "a", "plain": None, "b": "b", "true": True}
+    body = {"prompt": "Hello there", "max_tokens": 40, "temperature": 1.0, "seed": 7}
+    with _serve(model_dir, *flags, "--watermark-requests", "opt-in") as client:
+        def post(ask):
+            return client.post("/v1/completions", json=body if ask is None else {**body, "watermark": ask})
+
+        with ThreadPoolExecutor(len(asks)) as pool:
+            answers = dict(zip(asks, pool.map(post, asks.values())))
+        assert client.get("/metrics").status_code == 200
+    for r in answers.values():
+        assert r.status_code == 200, r.text
+    texts = {k: r.json()["choices"][0]["text"] for k, r in answers.items()}
+    assert [answers[k].json().get("watermark") for k in asks] == ["a", None, "b", "a"]
+    model, tok = gemmaforge.load(model_dir), load_tokenizer(model_dir)
+    marks = {name: WatermarkConfig.load(tmp_path / f"{name}.json").watermark() for name in sets}
+    for k, mark in (("a", marks["a"]), ("plain", None), ("b", marks["b"]), ("true", marks["a"])):
+        assert gemmaforge.generate(model, tok, "Hello there", watermark=mark, temperature=1.0, seed=7,
+                                   max_new_tokens=40) == [texts[k]], k
+    assert len({texts["a"], texts["plain"], texts["b"]}) == 3
+    detect = {name: Detector(m) for name, m in marks.items()}
+    assert detect["a"].detect_text(texts["a"], tok).p_value < detect["a"].detect_text(texts["b"], tok).p_value
+    assert detect["b"].detect_text(texts["b"], tok).p_value < detect["b"].detect_text(texts["a"], tok).p_value
+
+
+def test_watermark_field_on_a_server_without_keys_is_a_400():
+    from gemmaforge.serving.protocol import ApiError, _watermark
+
+    with pytest.raises(ApiError, match="holds no watermark keys") as e:
+        _watermark({"watermark": True}, (), None)
+    assert e.value.status == 400 and e.value.param == "watermark"
+    assert _watermark({}, (), None) is None
+    assert _watermark({"watermark": False}, ("a",), None) is None  # opt-in: false is plain
+    with pytest.raises(ApiError, match="must be true, false or one of"):
+        _watermark({"watermark": 1}, ("a",), "a")
 
 
 def test_stream_with_watermark_gives_generates_text(model_dir):

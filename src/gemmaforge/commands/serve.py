@@ -32,8 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the row length)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; more get 503 (default 64)")
     p.add_argument("--no-prefix-reuse", action="store_true", help="always prefill the whole prompt")
-    p.add_argument("--watermark", default=None, metavar="KEYFILE",
-                   help="SynthID-Text watermark every completion with these keys (docs/watermark.md)")
+    p.add_argument("--watermark", action="append", default=[], metavar="[NAME=]KEYFILE",
+                   help="SynthID-Text keys the server holds (repeatable; NAME defaults to the file's stem; "
+                        "docs/watermark.md)")
+    p.add_argument("--watermark-requests", choices=("all", "opt-in"), default="all",
+                   help="all: every completion is marked (the first keys, or the request's 'watermark': NAME); "
+                        "opt-in: only requests with 'watermark': true or NAME (default: all)")
 
 
 def _model_name(args) -> str:
@@ -44,6 +48,22 @@ def _model_name(args) -> str:
 
         return Path(default_model_path()).stem
     return Path(args.model).stem if Path(args.model).exists() else str(args.model)
+
+
+def _watermark_keys(specs: list[str]) -> dict:
+    """``[NAME=]KEYFILE`` flags -> {name: WatermarkConfig}, in the order given (the first is the default)."""
+    from ..watermark import WatermarkConfig
+
+    marks = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or Path(spec).exists():
+            name, path = Path(spec).stem, spec
+        if name in marks:
+            raise GemmaforgeError(f"--watermark: two key sets are named {name!r}: name them, e.g. --watermark "
+                                  f"tenant-a={path}")
+        marks[name] = WatermarkConfig.load(path)
+    return marks
 
 
 def build(args: argparse.Namespace):
@@ -61,11 +81,7 @@ def build(args: argparse.Namespace):
     if not 0 < args.kv_budget_mb:
         raise GemmaforgeError(f"--kv-budget-mb must be > 0, got {args.kv_budget_mb}")
     keys = tuple(args.api_key) + tuple(k for k in [os.environ.get("GEMMAFORGE_API_KEY")] if k)
-    marks = None
-    if getattr(args, "watermark", None) is not None:
-        from ..watermark import WatermarkConfig
-
-        marks = WatermarkConfig.load(args.watermark)  # a bad keys file fails before the slow model load
+    marks = _watermark_keys(args.watermark)  # a bad keys file fails before the slow model load
     model, tokenizer = load_model_and_tokenizer(args)
     dtype_bytes = torch.finfo(model.final_norm.weight.dtype).bits // 8
     rows, length = pool_shape(model.config, args.kv_budget_mb, args.max_batch, dtype_bytes)
@@ -75,9 +91,10 @@ def build(args: argparse.Namespace):
     engine = make_engine(model, args)
     runner = Runner(engine, tokenizer, num_rows=rows, max_len=length, max_queue=args.max_queue,
                     prefix_reuse=not args.no_prefix_reuse,
-                    watermark=None if marks is None else marks.watermark(engine.device))
+                    watermarks={name: m.watermark(engine.device) for name, m in marks.items()})
     app = create_app(runner, tokenizer, model_name=_model_name(args), api_keys=keys,
-                     max_prompt_tokens=args.max_prompt_tokens)
+                     max_prompt_tokens=args.max_prompt_tokens,
+                     watermark_default=next(iter(marks), None) if args.watermark_requests == "all" else None)
     return app, runner
 
 

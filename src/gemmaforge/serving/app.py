@@ -33,7 +33,10 @@ OPEN_ROUTES = ("/health", "/metrics")
 
 
 def create_app(runner: Runner, tokenizer, *, model_name: str, api_keys: tuple[str, ...] = (),
-               max_prompt_tokens: int | None = None, warmup: bool = True) -> FastAPI:
+               max_prompt_tokens: int | None = None, warmup: bool = True,
+               watermark_default: str | None = None) -> FastAPI:
+    """``watermark_default``: the key set (of ``runner.watermarks``) that marks requests which do
+    not ask; None = only requests with ``"watermark": true`` or a set's name are marked."""
     max_prompt_tokens = max_prompt_tokens or runner.max_len
     started = int(time.time())
     state = {"ready": False}
@@ -122,7 +125,8 @@ def create_app(runner: Runner, tokenizer, *, model_name: str, api_keys: tuple[st
         body = parse_body(await request.body())
         check_model(body, model_name)
         call = parse_call(body, tokenizer, chat=chat, max_len=runner.max_len, max_prompt_tokens=max_prompt_tokens,
-                          max_n=runner.num_rows)
+                          max_n=runner.num_rows, watermarks=tuple(runner.watermarks),
+                          watermark_default=watermark_default)
         texts = _prompt_texts(body, call, tokenizer)
         queue: asyncio.Queue = asyncio.Queue()
         jobs = []
@@ -167,7 +171,8 @@ def _job(runner: Runner, tokenizer, ids: list[int], budget: int, tag: int, call:
     prompt_logprobs = call.logprobs if call is not None and call.echo and call.logprobs is not None else None
     request = Request(list(ids), params, frozenset() if ignore_eos else tokenizer.stop_ids, budget,
                       n=1 if call is None else call.n, prompt_logprobs=prompt_logprobs)
-    return Job(request, tag, () if call is None else call.stop, ignore_eos, texts=[[] for _ in range(request.n)])
+    return Job(request, tag, () if call is None else call.stop, ignore_eos,
+               watermark=None if call is None else call.watermark, texts=[[] for _ in range(request.n)])
 
 
 async def _events(jobs: list[Job], queue: asyncio.Queue):
@@ -310,8 +315,15 @@ class _Shape:
                     choices.append({"index": self._index(tag, seq.index), "text": text, "logprobs": logprobs,
                                     "finish_reason": seq.finish_reason})
         choices.sort(key=lambda c: c["index"])
-        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices, "usage": self._usage()}
+        out = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
+               "created": self.created, "model": self.model, "choices": choices, "usage": self._usage()}
+        return self._marked(out)
+
+    def _marked(self, out: dict) -> dict:
+        """A watermarked completion names its key set (what a detector needs), as an extra field."""
+        if self.call.watermark is not None:
+            out["watermark"] = self.call.watermark
+        return out
 
     def _texts(self, job: Job) -> list[str]:
         return ["".join(job.texts[i]) for i in range(len(job.seqs))]
@@ -328,7 +340,7 @@ class _Shape:
                "created": self.created, "model": self.model, "choices": choices}
         if self.call.include_usage:
             out["usage"] = None
-        return out
+        return self._marked(out)
 
     def opening_chunks(self) -> list[dict]:
         """Chat: the assistant role first (as OpenAI sends it); completions with echo: the prompt."""

@@ -48,6 +48,7 @@ class Call:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    watermark: str | None = None  # the server's SynthID key set that marks the completions
 
 
 def parse_body(raw: bytes) -> dict:
@@ -67,7 +68,8 @@ def check_model(body: dict, served: str) -> None:
                        "model", code="model_not_found")
 
 
-def parse_call(body: dict, tokenizer, *, chat: bool, max_len: int, max_prompt_tokens: int, max_n: int) -> Call:
+def parse_call(body: dict, tokenizer, *, chat: bool, max_len: int, max_prompt_tokens: int, max_n: int,
+               watermarks: tuple[str, ...] = (), watermark_default: str | None = None) -> Call:
     for key in UNSUPPORTED:
         if body.get(key) not in (None, [], {}):
             raise ApiError(400, f"{key!r} is not supported by this server", key, code="unsupported_parameter")
@@ -148,7 +150,30 @@ def parse_call(body: dict, tokenizer, *, chat: bool, max_len: int, max_prompt_to
         raise ApiError(400, str(e)) from None
     ignore_eos = _bool(body, "ignore_eos", False)
     return Call(chat, prompts, params, max_tokens, n, tuple(stop), logprobs, echo, stream, include_usage,
-                ignore_eos)
+                ignore_eos, _watermark(body, watermarks, watermark_default))
+
+
+def _watermark(body: dict, names: tuple[str, ...], default: str | None) -> str | None:
+    """The request's ``watermark`` (true, false or a key-set name) under the server's policy:
+    ``default`` is the set that marks requests that do not say (None: opt-in). When the server marks
+    every completion, a request may pick another of its key sets but not turn the mark off."""
+    asked = body.get("watermark")
+    if asked is None:
+        return default
+    if not names:
+        raise ApiError(400, "this server holds no watermark keys: drop 'watermark' or start the server with "
+                            "--watermark KEYFILE", "watermark")
+    if asked is True:
+        return default or names[0]
+    if asked is False:
+        if default is not None:
+            raise ApiError(400, "this server watermarks every completion (--watermark-requests all): "
+                                "'watermark': false is not allowed", "watermark")
+        return None
+    if isinstance(asked, str) and asked in names:
+        return asked
+    raise ApiError(400, f"'watermark' must be true, false or one of this server's key sets {list(names)}, "
+                        f"got {asked!r}", "watermark")
 
 
 # ---- prompts ------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class Job:
     tag: int = 0  # which prompt of the HTTP request this is
     stop: tuple[str, ...] = ()  # stop strings
     ignore_eos: bool = False  # generate to the budget: no stop ids (benchmarks do this)
+    watermark: str | None = None  # the name of the server's SynthID key set that marks this job
     created: float = field(default_factory=time.monotonic)
     queue: asyncio.Queue | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -68,17 +69,18 @@ class Job:
 
 class Runner:
     def __init__(self, engine, tokenizer, *, num_rows: int, max_len: int, max_queue: int = 64,
-                 prefix_reuse: bool = True, slack: int = 16, watermark=None):
+                 prefix_reuse: bool = True, slack: int = 16, watermarks: dict | None = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.scheduler = Scheduler(engine, num_rows, max_len, slack=slack, decode_during_prefill=True,
                                    prefix_reuse=prefix_reuse)
-        if watermark is not None:
-            # SynthID-Text on what this server generates (docs/watermark.md): a SynthIDTextWatermark for
-            # every request, or choose(request) -> watermark | None. The operator decides, not the
-            # client: a request field that could turn it off would defeat the point of the mark.
+        # SynthID-Text key sets by name (docs/watermark.md): each job names the set that marks it, or
+        # none; the HTTP side decides which (the server's --watermark-requests policy).
+        self.watermarks = dict(watermarks or {})
+        self._marks: dict[int, object] = {}  # Request.id -> the watermark of a running job
+        if self.watermarks:
             from ..watermark import attach_watermark
 
-            attach_watermark(self.scheduler, watermark)
+            attach_watermark(self.scheduler, lambda request: self._marks.get(request.id))
         self.max_queue = max_queue
         self.metrics = Metrics()
         self._inbox: deque = deque()
@@ -162,9 +164,12 @@ class Runner:
             raise
 
     def _admit(self, job: Job) -> None:
+        if job.watermark is not None:
+            self._marks[job.request.id] = self.watermarks[job.watermark]
         try:
             job.seqs = self.scheduler.submit(job.request)
         except GemmaforgeError as e:
+            self._marks.pop(job.request.id, None)
             job.put(e)
             return
         stop_ids = frozenset() if job.ignore_eos else self.tokenizer.stop_ids
@@ -178,6 +183,7 @@ class Runner:
         for s in job.seqs:
             self.scheduler.abort(s)
             self._jobs.pop(id(s), None)
+        self._marks.pop(job.request.id, None)
         if not job.done:
             job.done = True
             self.metrics.aborted += 1
@@ -217,6 +223,7 @@ class Runner:
             # the last of their final outputs, or a consumer would stop before reading the others.
             if finish is not None and not any(id(s) in self._jobs for s in job.seqs):
                 job.done = True
+                self._marks.pop(job.request.id, None)
                 self.metrics.requests[seq.finish_reason] = self.metrics.requests.get(seq.finish_reason, 0) + 1
                 job.put(None)
 
