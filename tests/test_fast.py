@@ -206,6 +206,27 @@ def test_compiled_step_decodes_only_the_live_rows_of_a_pool():
     assert max(widths) == 3 and widths[-1] == 1 and 4 not in widths  # row 3 never joined a step
 
 
+def test_compiled_step_does_not_recompile_when_the_batch_fills_the_pool():
+    """One live row, then two, then the whole pool (a server filling up): batch 1 and one dynamic
+    batch size, no third compilation when the step covers the pool itself rather than a prefix
+    view of it (dynamo guards on the views and the pool being marked alike)."""
+    from torch._dynamo.utils import counters
+
+    from gemmaforge.generation.scheduler import Request
+
+    model = quantize(randomize(Gemma(CONFIGS["gemma2"])), "int8")
+    engine = Engine(model)
+    sched = engine.scheduler(3, 48)
+    for n in (1, 2, 3):
+        if n == 3:
+            before = counters["stats"]["unique_graphs"]
+        seqs = [sched.submit(Request([2, 7 + i, 9], SamplingParams(max_new_tokens=3)))[0] for i in range(n)]
+        while sched.has_work():
+            sched.step()
+        assert all(len(s.tokens) == 3 for s in seqs)
+    assert counters["stats"]["unique_graphs"] == before  # the whole pool compiled nothing new
+
+
 @pytest.mark.parametrize("name", ["gemma2", "gemma3"])
 def test_engine_fast_is_default_and_generates_what_eager_generates(name):
     model = randomize(Gemma(CONFIGS[name]))

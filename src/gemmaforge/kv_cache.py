@@ -83,9 +83,9 @@ class KVCache:
         """Rows 0..n-1 as a cache of their own: views of this pool's buffers and the same host
         ``lengths`` list, so writes and ``advance`` land in the pool. A decode step over the live
         rows only, when they are the first n (the scheduler keeps them there): on CPU every idle
-        row of a whole-pool step costs as much as a live one (docs/serving.md, "KV budget")."""
-        if n == self.num_rows:
-            return self
+        row of a whole-pool step costs as much as a live one (docs/serving.md, "KV budget").
+        ``n == num_rows`` is a view too: a compiled step sees the same kind of tensors (views,
+        whose ``_base`` dynamo guards on) at every width, and does not recompile for the pool."""
         view = self._prefixes.get(n)
         if view is None:
             view = copy.copy(self)

@@ -66,7 +66,7 @@ def _watermark_keys(specs: list[str]) -> dict:
     return marks
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace, own_thread: bool = True):
     """(app, runner) from parsed arguments: what ``run`` serves and what tests can build in-process."""
     import torch
 
@@ -91,7 +91,8 @@ def build(args: argparse.Namespace):
     engine = make_engine(model, args)
     runner = Runner(engine, tokenizer, num_rows=rows, max_len=length, max_queue=args.max_queue,
                     prefix_reuse=not args.no_prefix_reuse,
-                    watermarks={name: m.watermark(engine.device) for name, m in marks.items()})
+                    watermarks={name: m.watermark(engine.device) for name, m in marks.items()},
+                    own_thread=own_thread)
     app = create_app(runner, tokenizer, model_name=_model_name(args), api_keys=keys,
                      max_prompt_tokens=args.max_prompt_tokens,
                      watermark_default=next(iter(marks), None) if args.watermark_requests == "all" else None)
@@ -99,21 +100,35 @@ def build(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """uvicorn on a thread of its own; this thread, which loaded the model, runs the engine loop
+    (serving.runner.Runner: one OpenMP thread team, the fast step)."""
+    import threading
+
     import uvicorn
 
-    app, runner = build(args)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            runner.draining = True  # new requests get 503 while the running ones finish
-            super().handle_exit(sig, frame)
-
+    app, runner = build(args, own_thread=False)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)  # off the main thread it installs no signal handlers: ours below
+
+    def stop(sig, frame):
+        runner.draining = True  # new requests get 503 while the running ones finish
+        server.handle_exit(sig, frame)  # uvicorn's graceful stop; the lifespan's end stops the runner
+
+    def http():
+        try:
+            server.run()
+        finally:
+            runner.stop()  # also when uvicorn could not start (port in use): the engine loop returns
+
     print(f"gemmaforge: serving {_model_name(args)} on http://{args.host}:{args.port} "
           f"({runner.num_rows} rows x {runner.max_len} tokens; warming up)", file=sys.stderr, flush=True)
-    server = Server(config)
-    # uvicorn re-raises a captured SIGTERM once it has shut down gracefully, under the handler that
-    # was installed before it: a no-op one makes the graceful stop exit 0, as the docs promise.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    web = threading.Thread(target=http, name="gemmaforge-http", daemon=True)
+    web.start()
+    runner.serve_here()
+    web.join()
+    if not server.started:
+        raise GemmaforgeError(f"could not serve on {args.host}:{args.port} (see the message above): "
+                              "is the port in use? pick another with --port")
     return 0 if runner.failure is None else 1

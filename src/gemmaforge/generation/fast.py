@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import types
 import warnings
+import weakref
 
 import torch
 
@@ -172,6 +173,7 @@ class FastForward:
             # (global and ring, before the ring fills) one symbol, and recompile once they differ.
             self._step = torch.fx.experimental._config.patch(use_duck_shape=False)(self._step)
         self._static: set[int] = set()
+        self._marked: weakref.WeakSet = weakref.WeakSet()  # caches and views marked for dynamo
         self._pool: dict[tuple[int, int, int], KVCache] = {}
 
     def new_cache(self, num_rows: int, max_len: int, slack: int = 0) -> KVCache:
@@ -187,13 +189,7 @@ class FastForward:
         if not self.graphs:
             max_len = min(max(max_len, c.sliding_window + slack), c.max_position_embeddings)
             cache = self.model.new_cache(num_rows, max_len, slack)
-            # The ring length is a constant. Marked static, or dynamo's "duck sizing" would tie it
-            # to a global length that happens to be equal, and recompile later.
-            for i in range(c.num_layers):
-                if c.is_local(i):
-                    torch._dynamo.mark_static(cache.k[i], 2)
-                    torch._dynamo.mark_static(cache.v[i], 2)
-            torch._dynamo.mark_static(cache.ring_pos, 1)
+            self._mark_ring_static(cache)
             return cache
         max_len = min(-(-max_len // 256) * 256, c.max_position_embeddings)
         cache = self._pool.get((num_rows, max_len, slack))
@@ -201,6 +197,20 @@ class FastForward:
             cache = self._pool[num_rows, max_len, slack] = self.model.new_cache(num_rows, max_len, slack)
         cache.reset()
         return cache
+
+    def _mark_ring_static(self, cache: KVCache) -> None:
+        """The ring length is a constant. Marked static, or dynamo's "duck sizing" would tie it to
+        a global length that happens to be equal, and recompile later. The pool and every
+        ``prefix`` view of it get the same marks: dynamo guards on their presence, and a pool
+        marked unlike its views recompiled the step (~45 s on 2 cores) the first time a server's
+        batch filled the whole pool."""
+        c = self.model.config
+        for i in range(c.num_layers):
+            if c.is_local(i):
+                torch._dynamo.mark_static(cache.k[i], 2)
+                torch._dynamo.mark_static(cache.v[i], 2)
+        torch._dynamo.mark_static(cache.ring_pos, 1)
+        self._marked.add(cache)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice | None = None,
@@ -213,7 +223,10 @@ class FastForward:
         if tokens.shape[1] > 1 or not first_rows or columns is not None:
             h = self.model.hidden_states(tokens, positions, cache, rows=rows)
             return self.model.logits(h[:, -1] if columns is None else h[:, columns]).float()
-        cache = cache.prefix(stop)
+        if not self.graphs:  # CUDA graphs keep the pool's own tensors (their recorded addresses)
+            cache = cache.prefix(stop)
+            if self.compile and cache not in self._marked:
+                self._mark_ring_static(cache)
         # Read once on the host: the attended length is the longest *live* row's (idle rows, which
         # may still hold a finished request's keys for prefix reuse, have position -1).
         pos = positions[:, 0].tolist()

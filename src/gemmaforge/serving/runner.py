@@ -69,7 +69,14 @@ class Job:
 
 class Runner:
     def __init__(self, engine, tokenizer, *, num_rows: int, max_len: int, max_queue: int = 64,
-                 prefix_reuse: bool = True, slack: int = 16, watermarks: dict | None = None):
+                 prefix_reuse: bool = True, slack: int = 16, watermarks: dict | None = None,
+                 own_thread: bool = True):
+        """``own_thread=False``: ``start()`` starts nothing and the caller runs the loop with
+        ``serve_here()``, from the thread that loaded the model. That is the fast choice on CPU:
+        OpenMP keeps one thread team per thread that runs parallel torch code, and once a second
+        team exists libgomp throttles its spin-waits (more managed threads than cores), so every
+        small parallel op of the step pays a futex wake-up: a decode step on a new thread ran at
+        half the speed of the same step on the loading thread (docs/serving.md, "Threads")."""
         self.engine, self.tokenizer = engine, tokenizer
         self.scheduler = Scheduler(engine, num_rows, max_len, slack=slack, decode_during_prefill=True,
                                    prefix_reuse=prefix_reuse)
@@ -88,6 +95,7 @@ class Runner:
         self._wake = threading.Condition()
         self._stopping = False
         self.draining = False  # no new jobs (SIGTERM): running ones finish
+        self._own_thread = own_thread
         self._thread = threading.Thread(target=self._run, name="gemmaforge-engine", daemon=True)
         self.failure: BaseException | None = None
 
@@ -100,13 +108,23 @@ class Runner:
         return self.scheduler.num_rows
 
     def start(self) -> None:
-        self._thread.start()
+        if self._own_thread:
+            self._thread.start()
+
+    def serve_here(self) -> None:
+        """The engine loop on the calling thread (``own_thread=False``), until ``stop()``."""
+        try:
+            self._run()
+        except BaseException:  # noqa: BLE001 - _fail has told every waiting request; the caller reads .failure
+            if self.failure is None:
+                raise
 
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     # ---- from the HTTP side (any thread) ------------------------------------------------------------
     def submit(self, job: Job, queue: asyncio.Queue) -> Job:
