@@ -5,7 +5,8 @@
     async for out in job.stream()  ◀──call_soon_threadsafe── text, token, log-probs per sequence
 
 The scheduler is not thread-safe and the model call blocks, so both live on one thread; handlers only
-put jobs and aborts into the inbox and read their own asyncio queue. A step is one decode over the
+put jobs and aborts into the inbox and read their own asyncio queue. ``gemmaforge serve`` runs this
+loop on its main thread (``serve_here``) and uvicorn on another: see ``Runner.__init__`` for why. A step is one decode over the
 whole pool plus at most one prefill chunk of a newcomer (``decode_during_prefill``), so a long
 prompt never stalls the running streams for more than one chunk.
 
