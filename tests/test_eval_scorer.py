@@ -49,6 +49,31 @@ def test_shared_prefixes_and_forked_choices_score_like_full_forwards(name, batch
         assert lp == pytest.approx(want[0], abs=1e-4) and greedy == want[1]
 
 
+@pytest.mark.parametrize("budget", [1, 3])
+def test_continuations_wider_than_the_column_budget_go_in_pieces(monkeypatch, budget):
+    """A continuation longer than the scoring forward's column budget (a rolling window of a
+    long document) is fed in pieces of columns: the same scores as one full forward, whose greedy
+    flag also sees every piece."""
+    import gemmaforge.eval.scorer as scorer_module
+
+    monkeypatch.setattr(scorer_module, "_COLUMNS_PER_FORWARD", budget)
+    model = randomize(Gemma(CONFIGS["gemma3"]))
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()
+    ctx = [1] + ids(5)
+    requests = [(ctx, ids(11)), (ctx, ids(2)), ([1] + ids(3), ids(17))]
+    with torch.no_grad():  # one continuation the model predicts greedily all the way: greedy True
+        greedy_cont = []
+        for _ in range(9):
+            greedy_cont.append(int(model(torch.tensor([ctx + greedy_cont]))[0, -1].argmax()))
+    requests.append((ctx, greedy_cont))
+    got = Scorer(model, _NoTokenizer(), batch_size=4, progress=False).loglikelihood_tokens(requests)
+    for (c, cont), (lp, greedy) in zip(requests, got):
+        want = full_forward_score(model, c, cont)
+        assert lp == pytest.approx(want[0], abs=1e-4) and greedy == want[1]
+    assert got[-1][1] is True
+
+
 class _NoTokenizer:
     bos_id = 1
     stop_ids = frozenset({2})

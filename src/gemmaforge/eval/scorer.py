@@ -141,17 +141,29 @@ class Scorer:
                 end += 1
             tokens = torch.zeros(end - row, width, dtype=torch.long)
             positions = torch.full((end - row, width), -1, dtype=torch.long)
-            for r, (at, fed, _) in enumerate(feeds[row:end]):
+            targets = torch.full((end - row, width), -1, dtype=torch.long)
+            for r, (at, fed, cont) in enumerate(feeds[row:end]):
                 tokens[r, : len(fed)] = torch.tensor(fed)
                 positions[r, : len(fed)] = torch.arange(at, at + len(fed))
-            logits = self.engine.forward(tokens.to(dev), positions.to(dev), cache, rows=slice(row, end),
-                                         columns=list(range(width)))
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            for r, (_, fed, cont) in enumerate(feeds[row:end]):
-                target = torch.tensor(cont, device=logp.device)
-                lp = logp[r, : len(cont)]
-                by_row[row + r] = (float(lp.gather(1, target[:, None]).sum()),
-                                   bool((lp.argmax(-1) == target).all()))
+                targets[r, : len(cont)] = torch.tensor(cont)
+            # A row wider than the budget (a rolling window of a long document) goes in pieces of
+            # columns, in order: each piece extends the row's keys, so the sums are the same and
+            # the logits never exceed the budget ([64, 262k] float32, not [8192, 262k]).
+            piece = max(_COLUMNS_PER_FORWARD // (end - row), 1)
+            total = torch.zeros(end - row, dtype=torch.float64)
+            greedy = torch.ones(end - row, dtype=torch.bool)
+            for a in range(0, width, piece):
+                cols = slice(a, min(a + piece, width))
+                logits = self.engine.forward(tokens[:, cols].to(dev), positions[:, cols].to(dev), cache,
+                                             rows=slice(row, end), columns=list(range(cols.stop - a)))
+                logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+                want = targets[:, cols]
+                real = want >= 0
+                picked = logp.gather(2, want.clamp(min=0)[..., None])[..., 0]
+                total += (picked * real).sum(1).double()
+                greedy &= ((logp.argmax(-1) == want) | ~real).all(1)
+            for r in range(end - row):
+                by_row[row + r] = (float(total[r]), bool(greedy[r]))
             row = end
         return [by_row[r] for mine in row_of for r in mine]
 
