@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     web = threading.Thread(target=http, name="gemmaforge-http", daemon=True)
     web.start()
     runner.serve_here()
+    server.should_exit = True  # the runner failed (a bug, traceback printed) or the server stopped
     web.join()
     if not server.started:
         raise GemmaforgeError(f"could not serve on {args.host}:{args.port} (see the message above): "

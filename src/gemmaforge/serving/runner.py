@@ -6,9 +6,9 @@
 
 The scheduler is not thread-safe and the model call blocks, so both live on one thread; handlers only
 put jobs and aborts into the inbox and read their own asyncio queue. ``gemmaforge serve`` runs this
-loop on its main thread (``serve_here``) and uvicorn on another: see ``Runner.__init__`` for why. A step is one decode over the
-whole pool plus at most one prefill chunk of a newcomer (``decode_during_prefill``), so a long
-prompt never stalls the running streams for more than one chunk.
+loop on its main thread (``serve_here``) and uvicorn on another: see ``Runner.__init__`` for why. A
+step is one decode over the whole pool plus at most one prefill chunk of a newcomer
+(``decode_during_prefill``), so a long prompt never stalls the running streams for more than one chunk.
 
 Text is made here, not in the handlers: a stop string is found as soon as its last token arrives,
 and the sequence is aborted in the same step, which frees its row for the next request.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -74,10 +75,11 @@ class Runner:
                  own_thread: bool = True):
         """``own_thread=False``: ``start()`` starts nothing and the caller runs the loop with
         ``serve_here()``, from the thread that loaded the model. That is the fast choice on CPU:
-        OpenMP keeps one thread team per thread that runs parallel torch code, and once a second
-        team exists libgomp throttles its spin-waits (more managed threads than cores), so every
-        small parallel op of the step pays a futex wake-up: a decode step on a new thread ran at
-        half the speed of the same step on the loading thread (docs/serving.md, "Threads")."""
+        OpenMP keeps one thread team per thread that runs parallel torch code, and with a second
+        team libgomp counts more managed threads than cores and shortens its spin-waits (our
+        reading of the measurements), so every small parallel op of the step pays a wake-up: a
+        decode step on a new thread ran at half the speed of the same step on the loading thread
+        (docs/serving.md, "Threads")."""
         self.engine, self.tokenizer = engine, tokenizer
         self.scheduler = Scheduler(engine, num_rows, max_len, slack=slack, decode_during_prefill=True,
                                    prefix_reuse=prefix_reuse)
@@ -116,9 +118,10 @@ class Runner:
         """The engine loop on the calling thread (``own_thread=False``), until ``stop()``."""
         try:
             self._run()
-        except BaseException:  # noqa: BLE001 - _fail has told every waiting request; the caller reads .failure
+        except BaseException:  # noqa: BLE001 - a bug: _fail told every waiting request; the caller reads .failure
             if self.failure is None:
                 raise
+            traceback.print_exc()
 
     def stop(self) -> None:
         with self._wake:
