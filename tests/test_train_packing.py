@@ -9,7 +9,7 @@ from gemmaforge.train import data as D
 from gemmaforge.train.batches import Batch
 from gemmaforge.train.objectives import CrossEntropy
 
-from conftest import randomize
+from conftest import CONFIGS, randomize
 
 BOS = 2
 
@@ -52,3 +52,15 @@ def test_packed_loss_equals_the_sum_over_its_documents_alone(tmp_path, name):
         concat = objective.loss(_windows(tmp_path, "concat").batch(range(3))).loss
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-4)
     assert abs(concat - alone) > 1e-2  # without segments, documents see each other: the sums differ
+
+
+def test_only_token_nll_objectives_report_a_perplexity():
+    """The loop prints exp(val loss) as ppl only where the val loss is a token NLL: not for a
+    divergence (GKD), a pairwise loss (reward) or a policy loss (RLOO)."""
+    from gemmaforge.train.objectives import GeneralizedJSD, LiveTeacher
+    from gemmaforge.train.reward import BradleyTerry
+
+    student = Gemma(CONFIGS["gemma3"])
+    assert CrossEntropy(student).reports_perplexity
+    assert not BradleyTerry(student).reports_perplexity
+    assert not GeneralizedJSD(student, LiveTeacher(Gemma(CONFIGS["gemma3"])), beta=0.5, tau=1.0).reports_perplexity

@@ -156,12 +156,13 @@ class Scorer:
                 cols = slice(a, min(a + piece, width))
                 logits = self.engine.forward(tokens[:, cols].to(dev), positions[:, cols].to(dev), cache,
                                              rows=slice(row, end), columns=list(range(cols.stop - a)))
-                logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+                logp = torch.log_softmax(logits.float(), dim=-1)
                 want = targets[:, cols]
                 real = want >= 0
-                picked = logp.gather(2, want.clamp(min=0)[..., None])[..., 0]
+                picked = logp.gather(2, want.clamp(min=0).to(dev)[..., None])[..., 0].cpu()  # [rows, piece] to the host,
+                top = logp.argmax(-1).cpu()                                                # not [rows, piece, V]
                 total += (picked * real).sum(1).double()
-                greedy &= ((logp.argmax(-1) == want) | ~real).all(1)
+                greedy &= ((top == want) | ~real).all(1)
             for r in range(end - row):
                 by_row[row + r] = (float(total[r]), bool(greedy[r]))
             row = end

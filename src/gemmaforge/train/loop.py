@@ -67,7 +67,7 @@ def fit(run: Run) -> dict:
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             last_val = evaluate(run, done)
             if info.is_main:
-                extra = [f"ppl {last_val['ppl']:.2f}"] if run.recipe.loss_is_nll else \
+                extra = [f"ppl {last_val['ppl']:.2f}"] if run.objective.reports_perplexity else \
                     [f"{k} {v:.4g}" for k, v in last_val.items() if k not in ("step", "split", "loss", "ppl", "tokens")]
                 bar.write(", ".join([f"step {done}: val loss {last_val['loss']:.4f}", *extra]))
         if done % cfg.save_every == 0 or done == cfg.max_steps:

@@ -63,6 +63,12 @@ class Objective(nn.Module):
         return nll_sums(self.student, batch.tokens, batch.labels, positions=batch.positions,
                         segment_ids=batch.segment_ids, chunk=self.chunk, attn_impl=self.attn_impl)
 
+    @property
+    def reports_perplexity(self) -> bool:
+        """The held-out loss is this base class's token NLL, so exp(loss) is a perplexity; an
+        objective that evaluates a divergence, a pairwise or a policy loss overrides ``evaluate``."""
+        return type(self).evaluate is Objective.evaluate
+
     def forward(self, batch: Batch, evaluate: bool = False):
         return self.evaluate(batch) if evaluate else self.loss(batch)
 

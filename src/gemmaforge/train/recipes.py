@@ -42,9 +42,6 @@ from .rollouts import require_one_process
 
 class Recipe:
     name = "train"  # the progress bar's label
-    # The validation loss is a mean token NLL, so exp(loss) is a perplexity worth printing; a
-    # divergence, a pairwise or a policy loss is not (their records keep the field, ignored).
-    loss_is_nll = True
 
     def meta(self, cfg: TrainConfig) -> dict:
         """What the data is: vocabulary size, special ids, the tokenizer's digest (models.check_tokenizer
@@ -151,7 +148,6 @@ class GKD(JsonlRecipe):
     fraction ``lmbda`` of the steps use the student's own completions instead (gkd.py)."""
 
     name = "gkd"
-    loss_is_nll = False
 
     def batches(self, cfg, meta, split):
         tok = self.tokenizer(cfg)
@@ -185,7 +181,6 @@ class Reward(JsonlRecipe):
     pairs; held-out loss, pairwise accuracy and margin (reward.py)."""
 
     name = "reward"
-    loss_is_nll = False
 
     def batches(self, cfg, meta, split):
         tok = self.tokenizer(cfg)
@@ -205,7 +200,6 @@ class RL(JsonlRecipe):
     a KL penalty to the frozen reference (rl.py)."""
 
     name = "rl"
-    loss_is_nll = False
 
     def __init__(self):
         self._rollouts = []  # the train and val samplers, which get the policy and the rewarder later
