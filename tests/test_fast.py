@@ -252,7 +252,8 @@ def test_benchmark_runs_and_writes_a_report(tmp_path):
         assert rows[v]["prefill_tok_s"] > 0 and rows[v]["decode_tok_s_b1"] > 0 and rows[v]["decode_tok_s_b2"] > 0
     assert "skipped" in rows["llama.cpp:q8_0"] or rows["llama.cpp:q8_0"]["decode_tok_s_b1"] > 0
     table = format_table(report)
-    assert table.count("\n") == len(s.variants) + 1 and "1.00x" in table  # HF row divided by itself
+    assert table.count("\n") == len(s.variants) + 3 and "1.00x" in table  # HF row divided by itself
+    assert table.startswith("CPU: ")  # every results table names its machine
     write_json(report, tmp_path / "out" / "r.json")
     assert json.loads((tmp_path / "out" / "r.json").read_text())["settings"]["batch"] == 2
     assert not list((tmp_path / "out").glob(".*tmp"))

@@ -14,6 +14,7 @@ from gguf import quants as gguf_quants
 
 import gemmaforge
 from gemmaforge.generation import Engine
+from gemmaforge import cpu_kernel
 from gemmaforge import gguf_quant as gq
 from gemmaforge.checkpoint import gguf as G
 from gemmaforge.config import preset
@@ -74,11 +75,45 @@ def test_chunked_matmul_equals_x_times_dequantized(qtype, rows, monkeypatch):
     x = torch.randn(rows, shape[1])
     w = lin.dequantize()
     ref = x @ w.T
-    bound = 1e-5 * (x.abs() @ w.abs().T) + 1e-7  # float32 accumulation order, relative to the terms
+    bound = _bound(x, w)
     with torch.no_grad():
-        assert ((lin(x) - ref).abs() <= bound).all()
+        assert ((lin._chunked(x) - ref).abs() <= bound).all()  # the prefill path, at any row count
+        assert ((lin(x) - ref).abs() <= bound).all()  # whichever path the row count picks
     x.requires_grad_(True)  # autograd takes the reference path (no out= matmuls)
     assert ((lin(x) - ref).abs() <= bound).all()
+
+
+def _linear(qtype, rows=37, blocks_per_row=2):
+    raw, shape = _random_blocks(qtype, rows=rows, blocks_per_row=blocks_per_row)
+    return gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(raw.copy()), qtype, shape), qtype.name)
+
+
+def _bound(x, w):
+    return 1e-5 * (x.abs() @ w.abs().T) + 1e-7  # float32 accumulation order, relative to the terms
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel is not built")
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
+def test_native_gemv_kernel_equals_x_times_dequantized(qtype):
+    """block_gemv.c for every layout (groups of 16 and 32, with and without offsets) and every
+    row count below the sgemm threshold (its tiles of 4, 3, 2 and 1 rows)."""
+    lin = _linear(qtype)
+    w = lin.dequantize()
+    for rows in range(1, gq._GEMV_ROWS):
+        x = torch.randn(rows, lin.in_features)
+        y = cpu_kernel.run_block_gemv(x, lin.codes, lin.scale, lin.offset)
+        assert y.shape == (rows, lin.out_features)
+        assert ((y - x @ w.T).abs() <= _bound(x, w)).all(), rows
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel is not built")
+def test_native_gemv_is_one_node_of_a_compiled_graph():
+    """fullgraph=True: the custom op keeps the kernel inside a compiled decode step, no graph break."""
+    lin = _linear(Q.Q4_K, rows=19, blocks_per_row=1)
+    x = torch.randn(3, lin.in_features)
+    step = torch.compile(lambda t: lin(t * 2.0) + 1.0, fullgraph=True)  # exact ops around it: same bits
+    with torch.inference_mode():
+        torch.testing.assert_close(step(x), lin(x * 2.0) + 1.0, rtol=0, atol=0)
 
 
 def test_concat_is_exact_and_refuses_mixed_layouts():
@@ -110,10 +145,27 @@ def test_load_gguf_quant_matches_the_float32_load(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(native.embed(tokens), ref.embed(tokens), rtol=0, atol=0)
         torch.testing.assert_close(native(tokens), ref(tokens), rtol=1e-4, atol=1e-4)
-    # a float32 request keeps today's path; a quantized model refuses to be saved
+    # the default keeps the file's quantization; a float32 request or quant="none" dequantizes it
+    assert gemmaforge.load(path).quantization == native.quantization
     assert not getattr(gemmaforge.load(path, dtype="float32"), "quantization", None)
+    assert not getattr(gemmaforge.load(path, quant="none"), "quantization", None)
+    # a quantized model refuses to be saved
     with pytest.raises(GemmaforgeError, match="quantized"):
         G.save_gguf(native, tmp_path / "again.gguf")
+
+
+def test_benchmark_measures_the_file_as_stored_and_end_to_end(tmp_path):
+    from gemmaforge.benchmark import BenchSettings, format_table, run_benchmark
+
+    path = _tiny_q8_file(tmp_path)
+    s = BenchSettings(prompt_len=12, new_tokens=3, batch=2, repeats=1, ppl_chars=0, isolate=False,
+                      variants=("gemmaforge:gguf",), e2e_tokens=4)
+    report = run_benchmark(path, s, tmp_path / "work", progress=False)
+    (r,) = report["results"]
+    assert r["weights"] == "Q8_0 as stored" and r["load_s"] > 0 and r["decode_tok_s_b1"] > 0
+    # the tiny file has no tokenizer, so `gemmaforge generate` exits 2: reported, not raised
+    assert report["end_to_end"]["gemmaforge generate"]["failed"].startswith("exit 2")
+    assert "gemmaforge generate: exit 2" in format_table(report)
 
 
 def test_load_gguf_quant_errors(tmp_path):

@@ -215,7 +215,7 @@ def test_embedded_model_int8_keeps_its_predictions(embedded_gguf):
     from gemmaforge.benchmark import fixed_text
     from gemmaforge.tokenizer import load_tokenizer
 
-    model = gemmaforge.load(embedded_gguf)
+    model = gemmaforge.load(embedded_gguf, dtype=torch.float32)
     tokens = torch.tensor([load_tokenizer(embedded_gguf).encode(fixed_text(300))])
     with torch.no_grad():
         ref = torch.log_softmax(model(tokens), -1)

@@ -41,12 +41,13 @@ from .errors import GemmaforgeError
 BACKENDS = ("gemmaforge", "gemmaforge-eager", "hf", "llama.cpp")
 PRECISIONS = {
     # int8-bf16 / int4-f32: the other activation precision than each mode's default (quant.py)
-    "gemmaforge": ("fp32", "bf16", "int8", "int8-h4", "int4", "int8-bf16", "int4-f32"),
+    # gguf: the source GGUF file's own quantization, as stored (the default path, docs/quantization.md)
+    "gemmaforge": ("gguf", "fp32", "bf16", "int8", "int8-h4", "int4", "int8-bf16", "int4-f32"),
     "gemmaforge-eager": ("fp32", "bf16"),
     "hf": ("fp32", "bf16"),
     "llama.cpp": ("f32", "f16", "q8_0", "source"),
 }
-DEFAULT_VARIANTS = ("gemmaforge:fp32", "gemmaforge:int8", "gemmaforge:int8-h4", "gemmaforge:int4",
+DEFAULT_VARIANTS = ("gemmaforge:gguf", "gemmaforge:fp32", "gemmaforge:int8", "gemmaforge:int8-h4", "gemmaforge:int4",
                     "gemmaforge-eager:fp32",
                     "hf:fp32", "llama.cpp:f32", "llama.cpp:q8_0", "llama.cpp:source")
 _MARK = "GEMMAFORGE-BENCH-RESULT "  # a child prints its result after this marker
@@ -62,6 +63,7 @@ class BenchSettings:
     seed: int = 0
     ppl_chars: int = 1500  # characters of the fixed text scored for perplexity (0 = skip)
     variants: tuple[str, ...] = DEFAULT_VARIANTS
+    e2e_tokens: int = 64  # end-to-end `gemmaforge generate` vs llama.cpp on the source GGUF (0 = skip)
     isolate: bool = True  # one process per variant (peak memory per variant; thread settings stick)
 
     def __post_init__(self):
@@ -195,6 +197,8 @@ def load_gemmaforge(source, precision: str, device="cpu"):
     from . import load
     from .quant import quantize
 
+    if precision == "gguf":
+        return load(source, device=device, quant="gguf")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.float32)
     model = load(source, dtype=dtype, device=device)
     if precision == "int8-h4":
@@ -286,8 +290,10 @@ def bench_llamacpp(path, s: BenchSettings, ppl_ids: list[int] | None) -> dict:
     import llama_cpp
 
     n_ctx = max(s.prompt_len + s.new_tokens, len(ppl_ids or [])) + 8
+    t = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=max(512, s.prompt_len), n_threads=s.threads,
                           n_threads_batch=s.threads, logits_all=False, verbose=False)
+    load_s = time.perf_counter() - t
     one = random_prompts(llm.n_vocab(), 1, s.prompt_len, s.seed)[0]
 
     def prefill():
@@ -302,7 +308,7 @@ def bench_llamacpp(path, s: BenchSettings, ppl_ids: list[int] | None) -> dict:
             llm.eval([tok])
             tok = int(_llama_logits(llm).argmax())
 
-    result = {"prefill_tok_s": s.prompt_len / best_time(prefill, s.repeats)}
+    result = {"load_s": load_s, "prefill_tok_s": s.prompt_len / best_time(prefill, s.repeats)}
     ttft, result["decode_tok_s_b1"] = decode_timing(generate, s, 1)
     result["ttft_ms"] = ttft * 1e3
     result[f"decode_tok_s_b{s.batch}"] = None
@@ -331,6 +337,7 @@ class Artifacts:
     hf_dir: str
     gguf: dict[str, str] = field(default_factory=dict)  # llama.cpp precision -> file
     source_label: str | None = None  # e.g. "Q4_K_M" for the embedded GGUF
+    source_gguf: str | None = None  # the source file, when the model came from a GGUF
     unavailable: dict[str, str] = field(default_factory=dict)  # llama.cpp precision -> why no file
     tokenizer: str | None = None  # the source's own file or directory, for the perplexity text
 
@@ -356,6 +363,10 @@ def prepare_artifacts(source, workdir: Path, variants: tuple[str, ...]) -> Artif
         src = default_model_path()
     is_gguf = src is not None and src.is_file() and src.suffix == ".gguf"
     art.tokenizer = str(src) if src is not None and src.exists() else None
+    if is_gguf:
+        art.source_gguf = str(src)
+        ftype = read_gguf_metadata(src).get("general.file_type")
+        art.source_label = _FILE_TYPES.get(ftype, f"file_type {ftype}")
     for v in variants:
         backend, precision = parse_variant(v)
         if backend != "llama.cpp":
@@ -364,8 +375,6 @@ def prepare_artifacts(source, workdir: Path, variants: tuple[str, ...]) -> Artif
             if not is_gguf:
                 continue
             art.gguf["source"] = str(src)
-            ftype = read_gguf_metadata(src).get("general.file_type")
-            art.source_label = _FILE_TYPES.get(ftype, f"file_type {ftype}")
             continue
         path = workdir / f"model-{precision}.gguf"
         if not path.exists():
@@ -430,8 +439,12 @@ def run_variant(spec: str, art: Artifacts, s: BenchSettings, device="cpu") -> di
         out["weights"], out["weights_mb"] = precision, _weights_mb(backend, precision, model)
         out.update(bench_hf(model, s, ppl_ids))
     else:
-        model = load_gemmaforge(art.hf_dir, precision, device)
-        out["weights"] = _LABELS.get(precision, precision)
+        if precision == "gguf" and art.source_gguf is None:
+            return out | {"skipped": "no source GGUF (the model was not loaded from a .gguf file)"}
+        t = time.perf_counter()
+        model = load_gemmaforge(art.source_gguf if precision == "gguf" else art.hf_dir, precision, device)
+        out["load_s"] = time.perf_counter() - t
+        out["weights"] = f"{art.source_label} as stored" if precision == "gguf" else _LABELS.get(precision, precision)
         out["weights_mb"] = _weights_mb(backend, precision, model)
         out.update(bench_gemmaforge(model, s, ppl_ids, fast=backend == "gemmaforge"))
     if s.isolate:
@@ -462,8 +475,47 @@ def run_benchmark(source, s: BenchSettings, workdir: Path | None = None, progres
         results = []
         for spec in tqdm(s.variants, desc="benchmark", unit="variant", disable=not progress):
             results.append(_run_isolated(spec, art, s) if s.isolate else run_variant(spec, art, s))
+        e2e = end_to_end(art.source_gguf, s) if s.e2e_tokens and art.source_gguf else None
     return {"model": str(source) if source is not None else "embedded gemma3-270m Q4_K_M",
-            "settings": asdict(s), "environment": environment(s.threads), "results": results}
+            "settings": asdict(s), "environment": environment(s.threads), "results": results, "end_to_end": e2e}
+
+
+E2E_PROMPT = "Here is a long story about a dragon who learned to cook. Once upon a time"
+_LLAMA_E2E = """import sys
+from llama_cpp import Llama
+path, threads, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+out = llm.create_completion(sys.argv[4], max_tokens=n, temperature=0.0)
+print(out["choices"][0]["text"], end="")
+"""
+
+
+def end_to_end(gguf: str, s: BenchSettings) -> dict:
+    """Wall time of what a user types, each in a fresh process (interpreter start, imports, load,
+    prefill, ``e2e_tokens`` greedy tokens, print): ``gemmaforge generate`` with its defaults, and
+    llama-cpp-python's ``create_completion`` on the same file and thread count. The first run and
+    the best of ``repeats``; the completions are returned so that equal work can be checked (both
+    greedy on the same weights: the same text, unless one stopped at an end token)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(s.threads), MKL_NUM_THREADS=str(s.threads))
+    commands = {"gemmaforge generate": [sys.executable, "-m", "gemmaforge", "generate", "--model", gguf,
+                                        "--max-new-tokens", str(s.e2e_tokens), E2E_PROMPT]}
+    if llamacpp_available() is None:
+        commands["llama.cpp"] = [sys.executable, "-c", _LLAMA_E2E, gguf, str(s.threads), str(s.e2e_tokens), E2E_PROMPT]
+    out = {"tokens": s.e2e_tokens, "prompt": E2E_PROMPT}
+    for name, cmd in commands.items():
+        times, text = [], None
+        for _ in range(max(2, s.repeats)):
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            times.append(time.perf_counter() - t)
+            if proc.returncode:  # a crashing peer is reported, not fatal
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                out[name] = {"failed": f"exit {proc.returncode}: {tail[:200]}"}
+                break
+            text = proc.stdout
+        else:
+            out[name] = {"first_s": times[0], "best_s": min(times), "completion": text}
+    return out
 
 
 def environment(threads: int) -> dict:
@@ -509,19 +561,28 @@ def format_table(report: dict, baseline: str = "hf:fp32") -> str:
             return "n/a"
         return f"{r[key] / base[key]:.2f}x"
 
-    head = (f"| variant | weights | MB | prefill tok/s | TTFT ms | decode b1 tok/s | decode b{s['batch']} tok/s "
+    head = (f"| variant | weights | MB | load s | prefill tok/s | TTFT ms | decode b1 tok/s | decode b{s['batch']} tok/s "
             f"| peak RSS MB | perplexity | prefill vs HF | decode b1 vs HF | decode b{s['batch']} vs HF |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    env = report.get("environment", {})
+    lines = [f"CPU: {env.get('cpu', 'unknown')}, {env.get('threads', s['threads'])} threads, torch {env.get('torch')}, "
+             f"llama-cpp-python {env.get('llama-cpp-python')}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in report["results"]:
         if "skipped" in r:
-            lines.append(f"| {r['variant']} | skipped: {r['skipped']} |" + " |" * 10)
+            lines.append(f"| {r['variant']} | skipped: {r['skipped']} |" + " |" * 11)
             continue
         lines.append(
-            f"| {r['variant']} | {r['weights']} | {num(r.get('weights_mb'), '{:.0f}')} "
+            f"| {r['variant']} | {r['weights']} | {num(r.get('weights_mb'), '{:.0f}')} | {num(r.get('load_s'), '{:.2f}')} "
             f"| {num(r['prefill_tok_s'])} | {num(r['ttft_ms'])} | {num(r['decode_tok_s_b1'])} | {num(r.get(bn))} "
             f"| {num(r.get('peak_rss_mb'), '{:.0f}')} | {num(r.get('perplexity'), '{:.3f}')} "
             f"| {ratio(r, 'prefill_tok_s')} | {ratio(r, 'decode_tok_s_b1')} | {ratio(r, bn)} |"
         )
+    e2e = report.get("end_to_end")
+    if e2e:
+        lines += ["", f"End to end, {e2e['tokens']} greedy tokens, fresh process each run (first / best of runs):", ""]
+        for name in ("gemmaforge generate", "llama.cpp"):
+            r = e2e.get(name)
+            if r is not None:
+                lines.append(f"- {name}: " + (r["failed"] if "failed" in r else f"{r['first_s']:.2f} s / {r['best_s']:.2f} s"))
     return "\n".join(lines)
 
 

@@ -73,6 +73,7 @@ class TensorEntry:
 class _Parser:
     def __init__(self, buf: mmap.mmap):
         self.buf, self.pos = buf, 0
+        self.decode_strings = True
 
     def take(self, n: int) -> int:
         """Advance past n bytes, returning where they start; a read past the end means truncation."""
@@ -110,7 +111,7 @@ class _Parser:
         if count > len(self.buf) - self.pos:  # every element takes >= 1 byte: a corrupt count
             raise CorruptGGUF(f"array of {count:,} elements cannot fit in the file")
         if item == ValueType.STRING:
-            return self.strings(count)
+            return self.strings(count) if self.decode_strings else self.skip_strings(count)
         return [self.value(item) for _ in range(count)]
 
     def strings(self, count: int) -> list[str]:
@@ -128,6 +129,19 @@ class _Parser:
         self.pos = pos
         return out
 
+    def skip_strings(self, count: int) -> SkippedStrings:
+        """Walk past a string array without decoding it: ~5x faster, for readers that do not need
+        the vocabulary (loading the weights)."""
+        buf, pos, size = self.buf, self.pos, len(self.buf)
+        for _ in range(count):
+            if pos + 8 > size:
+                raise CorruptGGUF(f"truncated (needs byte {pos + 8:,}, file has {size:,})")
+            pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+        if pos > size:
+            raise CorruptGGUF(f"truncated (needs byte {pos:,}, file has {size:,})")
+        self.pos = pos
+        return SkippedStrings(count)
+
     def value_type(self, code: int) -> ValueType:
         try:
             return ValueType(code)
@@ -135,10 +149,22 @@ class _Parser:
             raise CorruptGGUF(f"unknown metadata value type {code}") from None
 
 
-def parse(buf: mmap.mmap, with_tensors: bool) -> tuple[dict[str, Any], list[TensorEntry]]:
+@dataclass(frozen=True)
+class SkippedStrings:
+    """A string array that ``parse(..., strings=False)`` walked past: only its length is known."""
+
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def parse(buf: mmap.mmap, with_tensors: bool, strings: bool = True) -> tuple[dict[str, Any], list[TensorEntry]]:
     """(metadata, tensor table) of the GGUF bytes in ``buf``; the table is empty unless ``with_tensors``.
+    ``strings=False``: string arrays (the vocabulary, the merges) come back as ``SkippedStrings``.
     Raises CorruptGGUF."""
     p = _Parser(buf)
+    p.decode_strings = strings
     start = p.take(4)
     if buf[start : start + 4] != MAGIC:
         raise CorruptGGUF("not a GGUF file (bad magic)")

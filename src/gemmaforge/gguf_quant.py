@@ -44,6 +44,7 @@ from .checkpoint.dequant import (
     _SHIFT_0_4,
 )
 from .errors import GemmaforgeError
+from . import cpu_kernel
 
 
 # ---- unpacking: blocks [n, type_size] uint8 -> codes [n, block] int8, scale/offset [n, block/group] ---
@@ -153,9 +154,14 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 
 # ---- the matmul -----------------------------------------------------------------------------------
-# Weights dequantized per step: the float32 buffer (2 MB) stays in cache between the dequantization
-# and the matmul that reads it. Measured on the 640 x 262,144 head, 1 thread: 1,024-row steps ran as
-# fast as the float32 sgemv over the whole dequantized table (docs/benchmarks.md, issue 14).
+# Fewer rows than this (decode, batched decode): the GEMV written as a reduction, which reads each
+# code once per row and dequantizes it in registers; from here on (prefill) dequantizing a chunk of
+# the weight into a float32 buffer and one sgemm per chunk is cheaper. quant.py's threshold, for the
+# same reason.
+_SGEMM_MIN_ROWS = _GEMV_ROWS = 16
+# Weights dequantized per sgemm step: the float32 buffer (2 MB) stays in cache between the
+# dequantization and the matmul that reads it. Measured on the 640 x 262,144 head, 1 thread: 1,024-row
+# steps ran as fast as the float32 sgemv over the whole dequantized table (docs/benchmarks.md, issue 14).
 _CHUNK_WEIGHTS = 1 << 19
 _local = threading.local()  # one buffer per thread: serving threads must not share it
 
@@ -170,9 +176,13 @@ def _workspace(n: int, device: torch.device) -> torch.Tensor:
 class BlockQuantLinear(nn.Module):
     """y = x @ w.T for a block-quantized weight w (codes, per-group scales and offsets).
 
-    CPU, no autograd: dequantize ``_CHUNK_WEIGHTS`` at a time into a reused buffer, matmul into
-    the matching rows of y^T. Inside torch.compile, other devices, or with autograd: dequantize the
-    whole weight, then F.linear (the reference the chunked path is tested against)."""
+    Which kernel, by where it runs and how many rows x has:
+      CPU, < 16 rows        ``block_gemv``: inline inside a compiled step, else its own small
+                            compiled graph (none without a C++ compiler: then the sgemm path)
+      CPU, >= 16 rows       dequantize ``_CHUNK_WEIGHTS`` at a time into a reused buffer and
+                            sgemm into the matching rows of y^T (never the whole float weight)
+      compiled, autograd,   dequantize the whole weight, then F.linear (the reference the others
+      other devices         are tested against)"""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
                  qtype: str = ""):
@@ -183,6 +193,7 @@ class BlockQuantLinear(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
+        self.kernel = cpu_kernel.available()  # a constant for a compiled step, like the shapes
 
     def dequantize(self, rows=None) -> torch.Tensor:
         if rows is None:
@@ -193,10 +204,19 @@ class BlockQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features).float()
-        chunked = (x2.device.type == "cpu" and not torch.compiler.is_compiling()
-                   and not (torch.is_grad_enabled() and x2.requires_grad))
-        y = self._chunked(x2) if chunked else F.linear(x2, self.dequantize())
+        y = self._matmul(x2)
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and x.requires_grad
+        compiling = torch.compiler.is_compiling()
+        if x.device.type == "cpu" and not grad and x.shape[0] < _GEMV_ROWS and self.kernel:
+            if compiling:  # one opaque node in the compiled graph
+                return torch.ops.gemmaforge.block_gemv(x, self.codes, self.scale, self.offset)
+            return cpu_kernel.run_block_gemv(x, self.codes, self.scale, self.offset)
+        if x.device.type != "cpu" or grad or compiling:
+            return F.linear(x, self.dequantize())
+        return self._chunked(x)
 
     def _chunked(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features

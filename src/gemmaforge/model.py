@@ -110,6 +110,12 @@ class Embedding(nn.Embedding):
     """The tied table: ``forward`` looks rows up, ``head`` is the output matmul (quant.QuantEmbedding
     has the same two methods for a quantized table)."""
 
+    def reset_parameters(self) -> None:
+        # A table on the meta device is about to be loaded into: nothing to draw, and meta-device
+        # normal_ goes through torch._refs, whose first use imports torch._dynamo (~2 s of a load).
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def head(self, h: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """h [..., D] -> h @ weight^T [..., vocab]; written into ``out`` (no autograd) when given."""
         return F.linear(h, self.weight) if out is None else torch.matmul(h, self.weight.T, out=out)

@@ -313,6 +313,23 @@ def quantize(model, mode: str, *, group_size: int = 32, head: str | None = "same
     return model
 
 
+_REQUANTIZE = {"int8": ("int8", "same"), "int8-h4": ("int8", "int4"), "int4": ("int4", "same")}
+
+
+def load_quantized(source, quant: str = "auto", *, dtype=None, device=None, activations: str = "auto"):
+    """``gemmaforge.load`` plus the CLI's ``--quant``: "auto", "none" and "gguf" are ``load``'s own
+    (a GGUF file's quantization kept as stored, or not); "int8", "int8-h4" (int8 layers, int4 head)
+    and "int4" load the float weights and re-quantize them (``quantize``)."""
+    from .checkpoint import load
+
+    if quant not in _REQUANTIZE:
+        return load(source, dtype=dtype, device=device, quant=quant)
+    model = load(source, dtype=dtype, device=device, quant="none")
+    mode, head = _REQUANTIZE[quant]
+    precision = {} if activations == "auto" else {"activations": activations}
+    return quantize(model, mode, head=head, **precision)
+
+
 def weight_bytes(model) -> int:
     """Bytes of all parameters and buffers that hold weights (not rope tables)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -11,8 +11,12 @@ import torch
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling_factor: float = 1.0) -> torch.Tensor:
-    """[head_dim / 2] float32; linear scaling divides frequencies (Gemma 3 4B+, global layers)."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    """[head_dim / 2] float32 on the CPU; linear scaling divides frequencies (Gemma 3 4B+, global layers).
+
+    Always computed on the CPU, also inside ``with torch.device("meta")`` (a model built to be loaded
+    into): meta-device arithmetic goes through torch._refs, whose first use imports torch._dynamo,
+    ~2 s of every load."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     return 1.0 / (theta**exponent) / scaling_factor
 
 

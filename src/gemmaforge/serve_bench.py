@@ -37,11 +37,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .commands.generate import QUANTS  # gemmaforge serve --quant
 from .errors import GemmaforgeError
 from .serve_bench_report import goals
 
 TARGETS = ("gemmaforge", "llama-server", "llama-cpp-python")
-QUANTS = ("none", "int8", "int8-h4", "int4")
 _MARK = "GEMMAFORGE-SERVE-BENCH-REFERENCE "  # the reference child prints its result after this
 
 

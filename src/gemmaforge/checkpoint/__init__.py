@@ -77,9 +77,10 @@ def materialize(config: GemmaConfig, tensors: Iterable[tuple[str, torch.Tensor, 
     return model.eval()
 
 
-# What ``load`` does with a block-quantized GGUF file when neither ``dtype`` nor ``quant`` says:
-# "gguf" keeps the file's quantization (docs/quantization.md), "none" dequantizes to float32.
-DEFAULT_GGUF_QUANT = "none"
+# What ``load`` does with a block-quantized GGUF file on the CPU when neither ``dtype`` nor ``quant``
+# says: "gguf" keeps the file's quantization (docs/quantization.md: exact file values, a quarter of
+# the memory, decode 1.5-2x the float32 model's), "none" dequantizes to float32.
+DEFAULT_GGUF_QUANT = "gguf"
 GGUF_QUANTS = ("auto", "none", "gguf")
 
 
@@ -88,7 +89,9 @@ def load(source, dtype=None, device=None, *, seed: int = 0, quant: str = "auto")
 
     ``quant`` (GGUF files only): "gguf" keeps block-quantized weights as stored (int8 codes and
     block scales, gguf_quant.py; float32 activations), "none" dequantizes every tensor to ``dtype``,
-    "auto" is DEFAULT_GGUF_QUANT for a quantized file loaded without a ``dtype``, else "none"."""
+    "auto" is DEFAULT_GGUF_QUANT for a quantized file loaded on the CPU without a ``dtype``, else
+    "none" (an explicit ``dtype``, float32 included, asks for the dequantized model; other devices
+    have no kernel for the packed form yet, docs/quantization.md)."""
     if quant not in GGUF_QUANTS:
         raise GemmaforgeError(f"unknown quant {quant!r} for load: use one of {', '.join(GGUF_QUANTS)}")
     if source is None:
@@ -105,7 +108,8 @@ def load(source, dtype=None, device=None, *, seed: int = 0, quant: str = "auto")
 
         if quant == "auto":
             # The header read only matters when the default keeps files quantized.
-            keep = DEFAULT_GGUF_QUANT != "none" and dtype is None and is_quantized_file(path)
+            cpu = device is None or torch.device(device).type == "cpu"
+            keep = DEFAULT_GGUF_QUANT != "none" and dtype is None and cpu and is_quantized_file(path)
             quant = DEFAULT_GGUF_QUANT if keep else "none"
         if quant == "gguf":
             if dtype is not None and resolve_dtype(dtype, device) != torch.float32:

@@ -112,8 +112,8 @@ class _TensorInfo:
     offset: int  # absolute byte offset in the file
 
 
-def _parse(buf: mmap.mmap, with_tensors: bool) -> tuple[dict[str, Any], list[_TensorInfo]]:
-    metadata, entries = gguf_file.parse(buf, with_tensors)
+def _parse(buf: mmap.mmap, with_tensors: bool, strings: bool = True) -> tuple[dict[str, Any], list[_TensorInfo]]:
+    metadata, entries = gguf_file.parse(buf, with_tensors, strings)
     known = GGMLQuantizationType._value2member_map_
     return metadata, [
         _TensorInfo(e.name, GGMLQuantizationType(e.type_code) if e.type_code in known else e.type_code,
@@ -125,12 +125,14 @@ def _parse(buf: mmap.mmap, with_tensors: bool) -> tuple[dict[str, Any], list[_Te
 _open = gguf_file.open_gguf
 
 
-def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...]]]]:
+def read_gguf_header(path: str | os.PathLike, strings: bool = True
+                     ) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...]]]]:
     """Metadata and the tensor table ((GGUF name, ggml type name, PyTorch-order shape) per tensor),
-    without reading any tensor data: what ``gemmaforge info`` shows."""
+    without reading any tensor data: what ``gemmaforge info`` shows. ``strings=False``: string arrays
+    are skipped (gguf_file.SkippedStrings)."""
     path, buf = _open(path)
     try:
-        metadata, infos = _parse(buf, with_tensors=True)
+        metadata, infos = _parse(buf, with_tensors=True, strings=strings)
     except gguf_file.CorruptGGUF as e:
         raise gguf_file.unreadable(path, e) from None
     finally:
@@ -276,11 +278,11 @@ def _checked_tensors(path: Path, buf: mmap.mmap, infos: list[_TensorInfo], confi
         )
 
 
-def _open_checked(path: str | os.PathLike):
+def _open_checked(path: str | os.PathLike, strings: bool = True):
     """(path, map, metadata, config, infos) of a GGUF file whose header parses; the caller closes the map."""
     path, buf = _open(path)
     try:
-        metadata, infos = _parse(buf, with_tensors=True)
+        metadata, infos = _parse(buf, with_tensors=True, strings=strings)
     except gguf_file.CorruptGGUF as e:
         buf.close()
         raise gguf_file.unreadable(path, e) from None
@@ -305,7 +307,7 @@ def is_quantized_file(path: str | os.PathLike) -> bool:
     """Whether any 2-D weight of the file is block-quantized (Q8_0, Q4_K, ...): a header-only read."""
     from ..gguf_quant import is_packable
 
-    _, types_ = read_gguf_header(path)
+    _, types_ = read_gguf_header(path, strings=False)
     return any(is_packable(GGMLQuantizationType[t]) for _, t, _ in types_ if t in GGMLQuantizationType.__members__)
 
 
@@ -316,7 +318,7 @@ def read_gguf_packed(path: str | os.PathLike):
     memory once unpacked, so the peak stays near the packed size (docs/quantization.md)."""
     from ..gguf_quant import BlockQuantLinear, is_packable, unpack
 
-    path, buf, _, config, infos = _open_checked(path)
+    path, buf, _, config, infos = _open_checked(path, strings=False)  # the vocabulary is the tokenizer's
     out: dict[str, Any] = {}
     types_: dict[str, str] = {}
     for name, info, raw in _checked_tensors(path, buf, infos, config):

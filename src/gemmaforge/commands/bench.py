@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs, best kept (default %(default)s)")
     p.add_argument("--ppl-chars", type=int, default=d.ppl_chars,
                    help="characters of the fixed text scored for perplexity (0 = skip)")
+    p.add_argument("--e2e-tokens", type=int, default=d.e2e_tokens,
+                   help="end-to-end wall time of `gemmaforge generate` vs llama.cpp making this many tokens "
+                        "from a fresh process, on the source GGUF (0 = skip; default %(default)s)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run every variant in this process (faster; no per-variant peak memory)")
     p.add_argument("--workdir", default=None,
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise GemmaforgeError("--variants is empty: give at least one backend:precision, e.g. gemmaforge:fp32")
     settings = BenchSettings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
                              threads=args.threads, repeats=args.repeats, ppl_chars=args.ppl_chars,
-                             variants=variants, isolate=not args.no_isolate)
+                             variants=variants, e2e_tokens=args.e2e_tokens, isolate=not args.no_isolate)
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.model)
     report = run_benchmark(args.model, settings, workdir)
     print(format_table(report))

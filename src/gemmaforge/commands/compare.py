@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import argparse
 
-QUANTS = ("none", "int8", "int8-h4", "int4")
+from .generate import QUANTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     for side in ("a", "b"):
         p.add_argument(f"--model-{side}", required=True, metavar="SRC",
                        help=f"model {side.upper()}: HF directory, .gguf, or 'embedded' (the embedded Gemma 3 270M)")
-        p.add_argument(f"--quant-{side}", choices=QUANTS, default="none",
-                       help=f"weight-only quantization of model {side.upper()} (as generate --quant)")
+        p.add_argument(f"--quant-{side}", choices=QUANTS, default="auto",
+                       help=f"weights of model {side.upper()} (as generate --quant)")
         p.add_argument(f"--name-{side}", default=None, help=f"model {side.upper()}'s name in the report")
     p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help='one {"prompt": ..., "tags": [...]} per line')
     p.add_argument("--judge", required=True, metavar="SRC", help="the judge model (any source, or 'embedded')")
-    p.add_argument("--judge-quant", choices=QUANTS, default="none")
+    p.add_argument("--judge-quant", choices=QUANTS, default="auto")
     p.add_argument("--out", required=True, metavar="DIR", help="where comparison.json and report.html go")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="answers' sampling temperature (default 0: greedy)")

@@ -17,6 +17,7 @@ import sys
 from ..errors import GemmaforgeError
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+QUANTS = ("auto", "none", "gguf", "int8", "int8-h4", "int4")  # quant.load_quantized
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,9 +27,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.json, tokenizer.model or .gguf (default: the one inside --model)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--quant", choices=("none", "int8", "int8-h4", "int4"), default="none",
-                   help="weight-only quantization after loading: int8 decodes ~8x faster on CPU at a "
-                        "small perplexity cost (docs/benchmarks.md); none = exact weights (default)")
+    p.add_argument("--quant", choices=QUANTS, default="auto",
+                   help="weights: auto (default) = a quantized GGUF file keeps its own quantization on the "
+                        "CPU (its exact values, the fastest path: docs/quantization.md), anything else its "
+                        "dtype; none = dequantize to --dtype; gguf = require the file's quantization; "
+                        "int8 / int8-h4 / int4 = re-quantize the float weights (docs/benchmarks.md)")
     p.add_argument("--activations", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="precision of the activations entering --quant matmuls: auto = each mode's measured "
                         "default (int8 float32, int4 bfloat16; docs/benchmarks.md)")
@@ -88,20 +91,16 @@ def sampling_params(args: argparse.Namespace):
 
 def load_model_and_tokenizer(args: argparse.Namespace):
     """The model and its tokenizer; a GGUF or an HF directory carries both, a preset needs --tokenizer."""
-    from .. import load, load_tokenizer
+    from .. import load_tokenizer
+    from ..quant import load_quantized
     from ..config import PRESETS
 
     if args.tokenizer is None and args.model in PRESETS:
         raise GemmaforgeError(f"preset {args.model!r} has no tokenizer: pass --tokenizer (a .gguf or tokenizer.json)")
     if sys.stderr.isatty():
         print("gemmaforge: loading the model...", file=sys.stderr, flush=True)
-    model = load(args.model, dtype=args.dtype, device=args.device)
-    if args.quant != "none":
-        from ..quant import quantize
-
-        mode, head = {"int8": ("int8", "same"), "int8-h4": ("int8", "int4"), "int4": ("int4", "same")}[args.quant]
-        precision = {} if args.activations == "auto" else {"activations": args.activations}
-        quantize(model, mode, head=head, **precision)
+    model = load_quantized(args.model, args.quant, dtype=args.dtype, device=args.device,
+                           activations=args.activations)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GemmaforgeError(

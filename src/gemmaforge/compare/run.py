@@ -200,4 +200,4 @@ def run_compare(args) -> int:
 
 def _name(source: str, quant: str) -> str:
     base = "gemma3-270m (embedded)" if source == EMBEDDED else Path(source).name or str(source)
-    return base if quant == "none" else f"{base} --quant {quant}"
+    return base if quant == "auto" else f"{base} --quant {quant}"

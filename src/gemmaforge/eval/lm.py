@@ -28,7 +28,7 @@ class GemmaforgeLM(LM):
                  **unused):
         """``model``: a loaded ``Gemma`` or any source ``gemmaforge.load`` reads (None = the embedded
         model); ``tokenizer``: a Tokenizer or a source (default: the one inside ``model``);
-        ``quant``: none | int8 | int4; ``batch_size``: choice rows scored together ("auto" = 16)."""
+        ``quant``: auto | none | gguf | int8 | int8-h4 | int4 (as ``--quant``); ``batch_size``: choice rows scored together ("auto" = 16)."""
         super().__init__()
         import gemmaforge
 
@@ -36,8 +36,10 @@ class GemmaforgeLM(LM):
             raise GemmaforgeError(f"dtype={dtype!r}: use float32, bfloat16 or float16")
         source = model
         if not isinstance(model, gemmaforge.Gemma):
-            model = gemmaforge.load(model, dtype=_DTYPES.get(dtype, dtype), device=device)
-        if quant not in (None, "none"):
+            from ..quant import load_quantized
+
+            model = load_quantized(model, quant or "auto", dtype=_DTYPES.get(dtype, dtype), device=device)
+        elif quant not in (None, "none"):
             from ..quant import quantize
 
             quantize(model, quant)

@@ -1,0 +1,111 @@
+"""The native CPU kernel of the block-quantized GEMV (block_gemv.c), built once per machine.
+
+Why a C kernel: inductor's code for this reduction is fast only with every size static (one
+compilation per weight shape and batch size), and eager torch ops write the float weight out.
+The C file is compiled on first use with the system C compiler (``cc``/``gcc``/``clang``, the
+one inductor needs anyway) and ``-march=native``, in under a second; the library is cached under
+``~/.cache/gemmaforge/kernels`` (``GEMMAFORGE_CACHE``), keyed by the source, the compiler and the
+CPU's flags, written atomically. No compiler: ``library()`` is None and callers take their torch
+path (gguf_quant.py).
+
+``block_gemv`` is also a ``torch.library`` custom op (``torch.ops.gemmaforge.block_gemv``), so a
+compiled decode step calls the kernel as one opaque node instead of breaking the graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("block_gemv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _build(cc: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"building {SOURCE.name} with {cc} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it if needed; None without a C compiler."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    from .default_model import cache_dir
+
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
+    path = cache_dir() / "kernels" / f"block_gemv-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        _build(cc, path)
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.gf_block_gemv.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.gf_block_gemv.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel can run here. Read when a BlockQuantLinear is built, never inside a
+    compiled step (dynamo would trace the build)."""
+    return library() is not None
+
+
+def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                   offset: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] float32, codes [N, K] int8, scale/offset [N, G] float32 (contiguous, CPU) -> [M, N]."""
+    m, k = x.shape
+    n, g = scale.shape
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = library().gf_block_gemv(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(),
+                                 None if offset is None else offset.data_ptr(), n, k // g, y.data_ptr(),
+                                 torch.get_num_threads())
+    if rc:
+        raise MemoryError("block_gemv: out of memory for the offset sums")
+    return y
+
+
+@torch.library.custom_op("gemmaforge::block_gemv", mutates_args=())
+def block_gemv_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                  offset: torch.Tensor | None) -> torch.Tensor:
+    return run_block_gemv(x, codes, scale, offset)
+
+
+@block_gemv_op.register_fake
+def _(x, codes, scale, offset):
+    return x.new_empty(x.shape[0], codes.shape[0])
