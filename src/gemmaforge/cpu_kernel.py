@@ -100,12 +100,13 @@ def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return y
 
 
-@torch.library.custom_op("gemmaforge::block_gemv", mutates_args=())
-def block_gemv_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                  offset: torch.Tensor | None) -> torch.Tensor:
-    return run_block_gemv(x, codes, scale, offset)
+# The op, declared with the plain torch.library API: torch.library.custom_op's wrapper costs ~25 us a
+# call against ~10 us for this, and a compiled decode step makes 73 calls per token.
+_LIB = torch.library.Library("gemmaforge", "DEF")
+_LIB.define("block_gemv(Tensor x, Tensor codes, Tensor scale, Tensor? offset) -> Tensor")
+_LIB.impl("block_gemv", run_block_gemv, "CPU")
 
 
-@block_gemv_op.register_fake
+@torch.library.register_fake("gemmaforge::block_gemv", lib=_LIB)
 def _(x, codes, scale, offset):
     return x.new_empty(x.shape[0], codes.shape[0])
