@@ -262,6 +262,24 @@ def test_convert_hf_to_gguf_and_back(cmd, model_dir, lib, tmp_path):
     assert (q8 - expected).abs().max() < 0.1 * expected.abs().max()
 
 
+def test_generate_runs_a_quantized_gguf_as_stored_by_default(cmd, model_dir, tmp_path):
+    """--quant auto (the default) keeps a Q8_0 file's quantization; --quant none / --dtype float32
+    dequantize it; --quant gguf refuses a source that is no GGUF file (one line, exit 2)."""
+    code, _, err = cmd("convert", model_dir, tmp_path / "q8.gguf", "--dtype", "q8_0")
+    assert code == 0, err
+    path = tmp_path / "q8.gguf"
+    native, plain, tok = load(path), load(path, dtype=torch.float32), load_tokenizer(path)
+    assert native.quantization.startswith("gguf Q8_0") and not getattr(plain, "quantization", None)
+    for flags, model in (((), native), (("--quant", "gguf"), native), (("--quant", "none"), plain),
+                         (("--dtype", "float32"), plain)):
+        expected = gemmaforge.generate(model, tok, ["Hello there"], max_new_tokens=5)[0]
+        code, out, err = cmd("generate", "--model", path, "Hello there", "--max-new-tokens", 5, *flags)
+        assert code == 0, err
+        assert out == expected + "\n", flags
+    code, out, err = cmd("generate", "--model", model_dir, "Hi", "--max-new-tokens", 2, "--quant", "gguf")
+    assert code == 2 and "not a GGUF file" in err and err.count("\n") == 1
+
+
 def test_convert_replaces_only_with_force(cmd, tmp_path):
     out = tmp_path / "out"
     assert cmd("convert", "tiny-gemma3", out)[0] == 0

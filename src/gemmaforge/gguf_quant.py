@@ -15,11 +15,12 @@ values are bit-identical to the file's dequantization (tests/test_gguf_native.py
 One byte per code (4-bit codes too): on the AVX2 CPUs measured here the int8 -> float32
 conversion is the cost, not the bytes, and one layout keeps one kernel (docs/quantization.md).
 
-``BlockQuantLinear`` computes ``x @ w.T`` without ever holding the float weight of a layer: it
-dequantizes ``_CHUNK_WEIGHTS`` weights at a time into one reused, cache-sized float32 buffer and
-runs an ordinary matmul on it, for any number of rows (decode and prefill alike). No torch.compile
-is involved, so nothing waits on a compiler. Activations stay float32 (weight-only), so results
-equal the float32 dequantized model up to accumulation order.
+``BlockQuantLinear`` computes ``x @ w.T`` without ever holding the float weight of a layer: for a
+few rows (decode) the C kernel block_gemv.c streams the codes once (cpu_kernel.py builds it on
+first use); for many rows (prefill) it dequantizes ``_CHUNK_WEIGHTS`` weights at a time into one
+reused, cache-sized float32 buffer and runs an ordinary matmul on it. Neither needs torch.compile,
+so nothing waits on a compiler. Activations stay float32 (weight-only), so results equal the
+float32 dequantized model up to accumulation order.
 """
 
 from __future__ import annotations
