@@ -5,10 +5,13 @@ What is measured, per variant (a backend plus a weight precision):
     prefill tok/s    batch 1, ``prompt_len`` tokens, logits of the last position only (HF: ``logits_to_keep=1``)
     TTFT ms          prompt in -> first greedy token out (prefill + head + argmax)
     decode tok/s     greedy, after the first token, at batch 1 and at batch ``batch`` (all rows counted)
+    load s           reading the weights into the form the variant runs (gemmaforge:gguf: the GGUF as stored)
     peak RSS MB      the variant's whole process: load, convert, run (each variant runs in its own
                      process so the numbers do not mix; ``isolate=False`` gives up this column)
     perplexity       teacher-forced on a fixed text (pydoc_data "for" statement topic): what the
                      weight precision costs, next to what it buys
+    end to end       (``end_to_end``) wall time of ``gemmaforge generate`` against llama.cpp making
+                     ``e2e_tokens`` tokens from a fresh process, on the source GGUF
 
 "The same weights": every backend reads what ``gemmaforge.load(model)`` produced (for the embedded
 model, the Q4_K_M GGUF dequantized to float32): HF from a safetensors directory, llama.cpp from GGUF
@@ -494,8 +497,8 @@ def end_to_end(gguf: str, s: BenchSettings) -> dict:
     """Wall time of what a user types, each in a fresh process (interpreter start, imports, load,
     prefill, ``e2e_tokens`` greedy tokens, print): ``gemmaforge generate`` with its defaults, and
     llama-cpp-python's ``create_completion`` on the same file and thread count. The first run and
-    the best of ``repeats``; the completions are returned so that equal work can be checked (both
-    greedy on the same weights: the same text, unless one stopped at an end token)."""
+    the best of ``repeats``; the completions are returned so that equal work can be checked (their
+    lengths; the texts may part, llama.cpp rounding activations to 8 bits)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(s.threads), MKL_NUM_THREADS=str(s.threads))
     commands = {"gemmaforge generate": [sys.executable, "-m", "gemmaforge", "generate", "--model", gguf,
                                         "--max-new-tokens", str(s.e2e_tokens), E2E_PROMPT]}

@@ -25,7 +25,7 @@ typedef float vh __attribute__((vector_size(32)));   /* 8 float32 */
 typedef float vq __attribute__((vector_size(16)));   /* 4 float32 */
 
 #define LANES 16
-#define MAX_TILE 4
+#define MAX_TILE 4 /* rows of x per pass over a weight row: each code is converted once per tile */
 /* Bytes of codes ahead to prefetch: the hardware prefetcher alone left the 2-thread GEMV at half the
  * memory bandwidth an sgemv reaches (Q8_0 head: 13.7 ms -> 8.7 ms; 1-8 KB ahead measured, 4 KB kept). */
 #define PREFETCH 4096

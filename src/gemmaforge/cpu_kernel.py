@@ -6,7 +6,7 @@ The C file is compiled on first use with the system C compiler (``cc``/``gcc``/`
 one inductor needs anyway) and ``-march=native``, in under a second; the library is cached under
 ``~/.cache/gemmaforge/kernels`` (``GEMMAFORGE_CACHE``), keyed by the source, the compiler and the
 CPU's flags, written atomically. No compiler: ``library()`` is None and callers take their torch
-path (gguf_quant.py).
+path (gguf_quant.py); so do they, with a warning, if the build fails.
 
 ``block_gemv`` is also a ``torch.library`` custom op (``torch.ops.gemmaforge.block_gemv``), so a
 compiled decode step calls the kernel as one opaque node instead of breaking the graph.
@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,7 +72,11 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
     path = cache_dir() / "kernels" / f"block_gemv-{key.hexdigest()[:16]}.so"
     if not path.exists():
-        _build(cc, path)
+        try:
+            _build(cc, path)
+        except RuntimeError as e:  # the compiler's own complaint, e.g. a GCC older than 12
+            warnings.warn(f"{e}\ngemmaforge: decoding GGUF weights as stored takes the slower sgemm path")
+            return None
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gf_block_gemv.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]

@@ -155,11 +155,10 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 
 # ---- the matmul -----------------------------------------------------------------------------------
-# Fewer rows than this (decode, batched decode): the GEMV written as a reduction, which reads each
-# code once per row and dequantizes it in registers; from here on (prefill) dequantizing a chunk of
-# the weight into a float32 buffer and one sgemm per chunk is cheaper. quant.py's threshold, for the
-# same reason.
-_SGEMM_MIN_ROWS = _GEMV_ROWS = 16
+# Fewer rows than this (decode, batched decode): block_gemv.c, which reads each code once per call
+# and converts it in registers; from here on (prefill) dequantizing a chunk of the weight into a
+# float32 buffer and one sgemm per chunk is cheaper. quant.py's threshold, for the same reason.
+_GEMV_ROWS = 16
 # Weights dequantized per sgemm step: the float32 buffer (2 MB) stays in cache between the
 # dequantization and the matmul that reads it. Measured on the 640 x 262,144 head, 1 thread: 1,024-row
 # steps ran as fast as the float32 sgemv over the whole dequantized table (docs/benchmarks.md, issue 14).
@@ -178,12 +177,13 @@ class BlockQuantLinear(nn.Module):
     """y = x @ w.T for a block-quantized weight w (codes, per-group scales and offsets).
 
     Which kernel, by where it runs and how many rows x has:
-      CPU, < 16 rows        ``block_gemv``: inline inside a compiled step, else its own small
-                            compiled graph (none without a C++ compiler: then the sgemm path)
+      CPU, < 16 rows        block_gemv.c (cpu_kernel.py); inside a compiled step as the custom
+                            op ``gemmaforge::block_gemv`` (no C compiler: the sgemm path)
       CPU, >= 16 rows       dequantize ``_CHUNK_WEIGHTS`` at a time into a reused buffer and
                             sgemm into the matching rows of y^T (never the whole float weight)
-      compiled, autograd,   dequantize the whole weight, then F.linear (the reference the others
-      other devices         are tested against)"""
+      compiled (>= 16 rows), dequantize the whole weight, then F.linear (the reference the
+      autograd, other       others are tested against)
+      devices"""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
                  qtype: str = ""):

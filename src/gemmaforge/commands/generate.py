@@ -25,7 +25,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF directory, .gguf file or preset name (default: the embedded Gemma 3 270M)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json, tokenizer.model or .gguf (default: the one inside --model)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU; a quantized GGUF on "
+                        "the CPU keeps its own quantization unless a dtype is given, see --quant)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--quant", choices=QUANTS, default="auto",
                    help="weights: auto (default) = a quantized GGUF file keeps its own quantization on the "
