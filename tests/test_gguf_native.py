@@ -107,6 +107,19 @@ def test_native_gemv_kernel_equals_x_times_dequantized(qtype):
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel is not built")
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
+def test_native_dequantization_is_bit_exact(qtype):
+    """block_gemv.c's dequantization (the prefill path's buffer) gives the gguf package's values,
+    bit for bit, signed zeros included: no fused multiply-add, no lost -0.0."""
+    raw, shape = _random_blocks(qtype, rows=7, blocks_per_row=2)
+    codes, scale, offset, _ = gq.unpack(torch.from_numpy(raw.copy()), qtype, shape)
+    scale[0, 0], codes[0, : gq.FORMATS[qtype][2]] = -0.0, 0  # a group of -0.0 weights
+    ours = cpu_kernel.dequantize_into(torch.empty(shape), codes, scale, offset)
+    ref = gq.dequantize_codes(codes, scale, offset)
+    assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel is not built")
 def test_native_gemv_is_one_node_of_a_compiled_graph():
     """fullgraph=True: the custom op keeps the kernel inside a compiled decode step, no graph break."""
     lin = _linear(Q.Q4_K, rows=19, blocks_per_row=1)

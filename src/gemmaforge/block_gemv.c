@@ -20,25 +20,28 @@
 #include <immintrin.h>
 #endif
 
-typedef float vf __attribute__((vector_size(64)));   /* 16 float32 */
+/* One register of float32: 16 lanes with AVX-512, else 8 (GCC spills 64-byte vectors to the stack
+ * when it has to split them into AVX2 halves: measured 2.5x slower). */
+#if defined(__AVX512F__)
+#define LANES 16
+#else
+#define LANES 8
+#endif
+typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef float vh __attribute__((vector_size(32)));   /* 8 float32 */
 typedef float vq __attribute__((vector_size(16)));   /* 4 float32 */
-
-#define LANES 16
 #define MAX_TILE 4 /* rows of x per pass over a weight row: each code is converted once per tile */
 /* Bytes of codes ahead to prefetch: the hardware prefetcher alone left the 2-thread GEMV at half the
  * memory bandwidth an sgemv reaches (Q8_0 head: 13.7 ms -> 8.7 ms; 1-8 KB ahead measured, 4 KB kept). */
 #define PREFETCH 4096
 
-/* 16 int8 codes -> 16 float32. Intrinsics where the CPU has them: GCC 12 compiles the generic
+/* LANES int8 codes -> LANES float32. Intrinsics where the CPU has them: GCC 12 compiles the generic
  * __builtin_convertvector form into per-byte scalar sign extensions (measured 4x slower). */
 static inline vf load_codes(const int8_t *p) {
 #if defined(__AVX512F__)
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 #elif defined(__AVX2__)
-    vh lo = (vh)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-    vh hi = (vh)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
-    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 #else
     vf out;
     for (int i = 0; i < LANES; i++) out[i] = (float)p[i];
@@ -52,10 +55,21 @@ static inline vf load_floats(const float *p) {
     return v;
 }
 
-/* Sum of the 16 lanes, by halves (not 15 dependent adds). Takes the vector by value and never its
- * address, so that accumulators stay in registers (a spilled one cost 2x: store-to-load latency). */
+/* v in every lane (not 0 + v, which turns -0.0 into +0.0 and so the sign of a zero weight) */
+static inline vf splat(float v) {
+    vf r;
+    for (int i = 0; i < LANES; i++) r[i] = v;
+    return r;
+}
+
+/* Sum of the lanes, by halves (not LANES - 1 dependent adds). Takes the vector by value and never
+ * its address, so that accumulators stay in registers (a spilled one cost 2x: store-to-load latency). */
 static inline float hsum(vf v) {
+#if LANES == 16
     vh h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    vh h = v;
+#endif
     vq q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
     return (q[0] + q[2]) + (q[1] + q[3]);
 }
@@ -63,7 +77,8 @@ static inline float hsum(vf v) {
 /* One group of gs codes times the matching gs values of x. */
 static inline __attribute__((always_inline)) vf group_dot(const int8_t *c, const float *x, const int gs) {
     vf part = load_codes(c) * load_floats(x);
-    if (gs == 32) part += load_codes(c + LANES) * load_floats(x + LANES);
+#pragma GCC unroll 4
+    for (int j = LANES; j < gs; j += LANES) part += load_codes(c + j) * load_floats(x + j);
     return part;
 }
 
@@ -107,13 +122,17 @@ static inline __attribute__((always_inline)) void row_tile(
         const int8_t *cg = c + g * gs;
         const float *xg = x + g * gs;
         __builtin_prefetch(cg + PREFETCH);
-        vf w0 = load_codes(cg), w1 = gs == 32 ? load_codes(cg + LANES) : w0;
+        vf part[MAX_TILE];
 #pragma GCC unroll 4
-        for (int i = 0; i < tile; i++) {
-            vf part = w0 * load_floats(xg + i * K);
-            if (gs == 32) part += w1 * load_floats(xg + i * K + LANES);
-            acc[i] += s[g] * part;
+        for (int i = 0; i < tile; i++) part[i] = (vf){0};
+#pragma GCC unroll 4
+        for (int j = 0; j < gs; j += LANES) {
+            vf w = load_codes(cg + j);
+#pragma GCC unroll 4
+            for (int i = 0; i < tile; i++) part[i] += w * load_floats(xg + i * K + j);
         }
+#pragma GCC unroll 4
+        for (int i = 0; i < tile; i++) acc[i] += s[g] * part[i];
     }
 #pragma GCC unroll 4
     for (int i = 0; i < tile; i++) {
@@ -132,7 +151,7 @@ static inline __attribute__((always_inline)) void row_tile(
     }
 
 /* x [M, K], codes [N, K], scale/offset [N, K/gs] (offset may be NULL), y [M, N]; K % gs == 0,
- * gs is 16 or 32. Returns 0, or -1 if the offset sums could not be allocated. */
+ * gs a multiple of 16. Returns 0, or -1 if the offset sums could not be allocated. */
 int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
                   const float *offset, int64_t N, int64_t gs, float *y, int threads) {
     int64_t G = K / gs;
@@ -161,5 +180,39 @@ int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, con
         }
     }
     free(xsum);
+    return 0;
+}
+
+/* codes [rows, K] -> out [rows, K] float32: code * scale, then + offset, the file's own values
+ * (gguf_quant.dequantize_codes, bit for bit). The prefill path's dequantization into a buffer, one
+ * pass instead of three torch ops. The product is stored before the offset is added, in a second
+ * loop, so that no compiler fuses the two roundings into one fused multiply-add (which would give
+ * other values); tests/test_gguf_native.py compares the bits. */
+int gf_dequantize(const int8_t *codes, const float *scale, const float *offset, int64_t rows, int64_t K,
+                  int64_t gs, float *out, int threads) {
+    int64_t G = K / gs;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *c = codes + r * K;
+        const float *s = scale + r * G;
+        float *o = out + r * K;
+        for (int64_t g = 0; g < G; g++) {
+            vf sg = splat(s[g]);
+            for (int64_t j = g * gs; j < (g + 1) * gs; j += LANES) {
+                vf w = load_codes(c + j) * sg;
+                memcpy(o + j, &w, sizeof w);
+            }
+        }
+        if (offset) {
+            const float *b = offset + r * G;
+            for (int64_t g = 0; g < G; g++) {
+                vf bg = splat(b[g]);
+                for (int64_t j = g * gs; j < (g + 1) * gs; j += LANES) {
+                    vf w = load_floats(o + j) + bg;
+                    memcpy(o + j, &w, sizeof w);
+                }
+            }
+        }
+    }
     return 0;
 }

@@ -81,6 +81,8 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gf_block_gemv.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.gf_block_gemv.restype = ctypes.c_int
+    lib.gf_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.gf_dequantize.restype = ctypes.c_int
     return lib
 
 
@@ -103,6 +105,16 @@ def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     if rc:
         raise MemoryError("block_gemv: out of memory for the offset sums")
     return y
+
+
+def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                    offset: torch.Tensor | None) -> torch.Tensor:
+    """codes [R, K] int8, scale/offset [R, G] float32 (contiguous) -> ``out`` [R, K] float32
+    (contiguous): the values of gguf_quant.dequantize_codes, bit for bit, in one pass."""
+    r, k = codes.shape
+    library().gf_dequantize(codes.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(),
+                            r, k, k // scale.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 # The op, declared with the plain torch.library API: torch.library.custom_op's wrapper costs ~25 us a

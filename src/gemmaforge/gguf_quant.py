@@ -228,11 +228,15 @@ class BlockQuantLinear(nn.Module):
         xt = x.t()
         for r in range(0, n, rows):
             m = min(rows, n - r)
-            w = buf[: m * k].view(m, g, k // g)
-            w.copy_(self.codes[r : r + m].view(m, g, k // g))
-            w.mul_(self.scale[r : r + m, :, None])
-            if self.offset is not None:
-                w.add_(self.offset[r : r + m, :, None])
+            off = None if self.offset is None else self.offset[r : r + m]
+            if self.kernel:
+                w = cpu_kernel.dequantize_into(buf[: m * k].view(m, k), self.codes[r : r + m], self.scale[r : r + m], off)
+            else:
+                w = buf[: m * k].view(m, g, k // g)
+                w.copy_(self.codes[r : r + m].view(m, g, k // g))
+                w.mul_(self.scale[r : r + m, :, None])
+                if off is not None:
+                    w.add_(off[:, :, None])
             torch.mm(w.view(m, k), xt, out=yt[r : r + m])
         return yt.t()
 
