@@ -283,7 +283,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
 def test_a_full_queue_answers_503_with_retry_after(served):
     s = make_server(served, rows=1, max_queue=0)
     try:
-        body = {"prompt": "Tell me a story.", "max_tokens": 200, "temperature": 0, "stream": True}
+        # ignore_eos: the row must stay busy for all 200 tokens, whatever the model says
+        body = {"prompt": "Tell me a story.", "max_tokens": 200, "temperature": 0, "stream": True,
+                "ignore_eos": True}
         with httpx.stream("POST", s.url + "/v1/completions", json=body,
                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
             next(r.iter_lines())

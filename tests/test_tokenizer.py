@@ -396,3 +396,25 @@ def test_sentencepiece_model_loads_without_sentencepiece(tmp_path):
     child = _load_in_fresh_interpreter(path, text)
     assert child["heavy"] == []
     assert child["ids"] == load_tokenizer(path).encode(text)
+
+
+def test_merges_are_cached_on_disk_by_vocabulary(tmp_path, monkeypatch):
+    """The merges recovered from a vocabulary are written once and read back by later loads; another
+    vocabulary gets its own file, and an unreadable file is rebuilt, not trusted."""
+    from gemmaforge import tokenizer as T
+
+    monkeypatch.setenv("GEMMAFORGE_CACHE", str(tmp_path))
+    tokens = ["<unk>", "a", "b", "ab", "c", "abc", "bc"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    expected = T._merges_by_position(vocab)
+    assert expected == [("a", "b"), ("ab", "c"), ("a", "bc"), ("b", "c")]
+    assert T._cached_merges(tokens, vocab) == expected
+    (cached,) = (tmp_path / "tokenizers").iterdir()
+    calls = []
+    monkeypatch.setattr(T, "_merges_by_position", lambda v: calls.append(v) or expected)
+    assert T._cached_merges(tokens, vocab) == expected and not calls  # read back, not rebuilt
+    other = tokens + ["ca"]
+    T._cached_merges(other, {t: i for i, t in enumerate(other)})
+    assert len(calls) == 1 and len(list((tmp_path / "tokenizers").iterdir())) == 2
+    cached.write_bytes(b"\x00 not marshal")
+    assert T._cached_merges(tokens, vocab) == expected and len(calls) == 2

@@ -1,4 +1,5 @@
-"""The native CPU kernel of the block-quantized GEMV (block_gemv.c), built once per machine.
+"""The native CPU kernels, built once per machine: the block-quantized GEMV (block_gemv.c) and the
+decode step over every layer that calls it (decode_step.c, generation/native.py).
 
 Why a C kernel: inductor's code for this reduction is fast only with every size static (one
 compilation per weight shape and batch size), and eager torch ops write the float weight out.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("block_gemv.c")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("block_gemv.c", "decode_step.c"))  # one library
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 
@@ -51,9 +52,9 @@ def _build(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"building {SOURCE.name} with {cc} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"building {', '.join(s.name for s in SOURCES)} with {cc} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the whole new one
     finally:
         if os.path.exists(tmp):
@@ -69,8 +70,8 @@ def library() -> ctypes.CDLL | None:
     from .default_model import cache_dir
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
-    path = cache_dir() / "kernels" / f"block_gemv-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
+    path = cache_dir() / "kernels" / f"cpu-{key.hexdigest()[:16]}.so"
     if not path.exists():
         try:
             _build(cc, path)
@@ -83,6 +84,8 @@ def library() -> ctypes.CDLL | None:
     lib.gf_block_gemv.restype = ctypes.c_int
     lib.gf_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.gf_dequantize.restype = ctypes.c_int
+    lib.gf_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.gf_decode_layers.restype = ctypes.c_int
     return lib
 
 

@@ -52,7 +52,7 @@ class ServeBenchSettings:
     prompt_tokens: tuple[int, int] = (64, 256)  # drawn uniformly, inclusive
     output_tokens: tuple[int, int] = (32, 128)
     threads: int = 2
-    quant: str = "int4"  # gemmaforge's weights: the 4-bit class, like the Q4_K_M file llama.cpp serves
+    quant: str = "auto"  # gemmaforge's weights: the default, the GGUF file as stored (what llama.cpp serves)
     compile: str = "auto"
     seed: int = 0
     targets: tuple[str, ...] = TARGETS  # names from TARGETS, or URLs of servers already running
@@ -459,13 +459,15 @@ def reference_decode(gguf: str, s: ServeBenchSettings) -> dict:
 def _reference_child(payload: str) -> None:
     import torch
 
-    from .benchmark import BenchSettings, decode_timing, load_gemmaforge, random_prompts
+    from .benchmark import BenchSettings, decode_timing, random_prompts
     from .generation.engine import Engine
     from .generation.sampling import SamplingParams
 
     d = json.loads(payload)
     torch.set_num_threads(d["threads"])
-    model = load_gemmaforge(d["model"], {"none": "fp32"}.get(d["quant"], d["quant"]))
+    from .quant import load_quantized
+
+    model = load_quantized(d["model"], d["quant"])  # what `gemmaforge serve --quant` loads
     engine = Engine(model) if d["compile"] != "off" else Engine(model, fast=False)
     bs = BenchSettings(prompt_len=d["prompt_len"], new_tokens=d["new_tokens"], batch=1, threads=d["threads"],
                        repeats=d["repeats"], ppl_chars=0, variants=())

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads of every server (default %(default)s)")
     p.add_argument("--quant", choices=QUANTS, default=d.quant,
-                   help="gemmaforge serve --quant (default %(default)s: the 4-bit class, like the Q4_K_M file)")
+                   help="gemmaforge serve --quant (default %(default)s: the GGUF file as stored, like llama.cpp)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default=d.compile,
                    help="gemmaforge serve --compile (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="prompt/output length draws (default %(default)s)")

@@ -40,7 +40,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decode step: auto = on a GPU, and on CPU for --quant models "
                         "when generating >= 2048 tokens in all (chat: always); costs 30-60 s the first "
-                        "time, ~15 s once inductor has cached it, then decodes ~1.7x faster")
+                        "time, ~15 s once inductor has cached it, then decodes ~1.7x faster. A quantized "
+                        "GGUF file kept as stored (the default) decodes through the native C step "
+                        "instead: no compilation, faster than compiled")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,7 +131,7 @@ def make_engine(model, args: argparse.Namespace, new_tokens: int | None = None):
     if compile is None and cpu and new_tokens is not None and new_tokens < COMPILE_PAYS_OFF_TOKENS:
         compile = False
     engine = Engine(model, compile=compile)
-    if engine.fast is not None and engine.fast.compile and sys.stderr.isatty():
+    if engine.fast is not None and engine.fast.compile and engine.fast.native is None and sys.stderr.isatty():
         print("gemmaforge: the first token compiles the decode step (30-60 s the first time, ~15 s once "
               "cached; --compile off skips it)", file=sys.stderr, flush=True)
     return engine

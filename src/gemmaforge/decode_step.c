@@ -1,0 +1,206 @@
+/* Every layer of one decode step in C: the uncompiled fast path of a GGUF-native model on CPU.
+ *
+ * The same math as generation/fast.py's decode_step, in the same order (docs/quantization.md,
+ * "The native decode step"), for M rows of one new token each:
+ *
+ *     x = attn_norm(h);  q, k, v = x @ Wqkv^T;  q, k = qk_norm(q, k) (Gemma 3);  rope(q, k)
+ *     write k, v into the cache slot of each row (global column or ring slot, from the cache)
+ *     y = softmax(softcap(q . K^T * scale) + mask) V      over the attended slots, per head (GQA)
+ *     h = h + post_attn_norm(y @ Wo^T)
+ *     h = h + post_mlp_norm(down(gelu_tanh(x @ Wgate^T) * (x @ Wup^T)))   with x = pre_mlp_norm(h)
+ *
+ * Why: eager torch pays a dispatch per op (~60 per layer, ~10 ms of a 27 ms token on 2 threads),
+ * and a compiled step costs ~45 s of tracing per process before its first token. Here a step is one
+ * call from Python; the projections are block_gemv.c's kernel, and the rest is a few thousand flops
+ * per row. Everything is float32, as the eager step for these models; sums run in another order, so
+ * results equal the eager step's to float32 rounding (tests/test_decode_step.py). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* block_gemv.c, linked into the same library */
+int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
+                  const float *offset, int64_t N, int64_t gs, float *y, int threads);
+
+typedef struct { /* one gguf_quant.BlockQuantLinear: y = x @ w^T, w [n, k] */
+    const int8_t *codes;
+    const float *scale, *offset; /* [n, k / gs]; offset NULL for the symmetric types */
+    int64_t n, k, gs;
+} gf_weight;
+
+typedef struct {
+    gf_weight qkv[3]; /* [q; k; v] fused into qkv[0] (n_qkv = 1), or three */
+    int32_t n_qkv;
+    gf_weight gate_up[2]; /* [gate; up] fused (n_gate_up = 1), or two */
+    int32_t n_gate_up;
+    gf_weight o, down;
+    const float *attn_norm, *post_attn_norm, *pre_mlp_norm, *post_mlp_norm; /* RMSNorm weights w: x * (1 + w) */
+    const float *q_norm, *k_norm;                                        /* NULL without QK-norm */
+    float *k_cache, *v_cache; /* [rows, kv_heads, slots, head_dim] of this layer */
+    int64_t slots;
+    int32_t local; /* a sliding-window layer: ring slots, ring positions, local rope */
+} gf_layer;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, window;
+    float eps, attn_scale, softcap; /* softcap 0: none (Gemma 3) */
+} gf_dims;
+
+typedef struct { /* this step's rows: everything the cache and the rope tables say about them */
+    int64_t M;
+    const int64_t *positions;                   /* [M], -1 = an idle row */
+    const int64_t *global_cols, *ring_cols;     /* [M]: where each row's new key goes */
+    const int64_t *global_pos, *ring_pos;       /* [rows, stride]: the position held by each slot */
+    int64_t global_stride, ring_stride, kv_len, ring_len; /* slots attended: [0, kv_len) / [0, ring_len) */
+    const float *cos_local, *sin_local, *cos_global, *sin_global; /* [M, head_dim] */
+} gf_rows;
+
+/* RMSNorm in float32: x * rsqrt(mean(x^2) + eps) * (1 + w) (model.RMSNorm). */
+static void rms_norm(const float *x, const float *w, float *out, int64_t n, float eps) {
+    float ss = 0;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * (1.0f + w[i]);
+}
+
+/* "rotate_half" rope (rope.py): pairs (j, j + D/2), cos/sin already duplicated over both halves. */
+static void rope(float *x, const float *cos, const float *sin, int64_t d) {
+    int64_t half = d / 2;
+    for (int64_t j = 0; j < half; j++) {
+        float a = x[j], b = x[j + half];
+        x[j] = a * cos[j] - b * sin[j];
+        x[j + half] = b * cos[j + half] + a * sin[j + half];
+    }
+}
+
+/* torch's gelu(approximate="tanh") */
+static inline float gelu_tanh(float x) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2 / pi) */
+    return 0.5f * x * (1.0f + tanhf(beta * (x + kappa * x * x * x)));
+}
+
+/* y [M, sum of n] = x @ [w0; w1; ...]^T as one matrix: fused weights are one call, separate ones
+ * are written side by side into a scratch row each and copied together. */
+static int gemv(const float *x, int64_t M, const gf_weight *w, float *y, int threads) {
+    return gf_block_gemv(x, M, w->k, w->codes, w->scale, w->offset, w->n, w->gs, y, threads);
+}
+
+static int project(const float *x, int64_t M, const gf_weight *w, int32_t nw, float *y, float *scratch,
+                   int threads) {
+    if (nw == 1) return gemv(x, M, w, y, threads);
+    int64_t total = 0, col = 0;
+    for (int32_t i = 0; i < nw; i++) total += w[i].n;
+    for (int32_t i = 0; i < nw; i++) {
+        if (gemv(x, M, &w[i], scratch, threads)) return -1;
+        for (int64_t m = 0; m < M; m++) memcpy(y + m * total + col, scratch + m * w[i].n, sizeof(float) * w[i].n);
+        col += w[i].n;
+    }
+    return 0;
+}
+
+/* One query head of one row against its row's cached keys (fast.py's _attend): scores over the
+ * visible slots (attention.visible: a slot holds a position >= 0, not after the query, and inside
+ * the window on local layers), soft-capped before masking, softmax, weighted sum of values. */
+static void attend_head(const float *q, const float *k, const float *v, const int64_t *slot_pos, int64_t n,
+                        int64_t qpos, int64_t window, const gf_dims *d, float *scores, float *out) {
+    int64_t D = d->head_dim;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < n; s++) {
+        int64_t p = slot_pos[s], dist = qpos - p;
+        if (p < 0 || dist < 0 || (window > 0 && dist >= window)) {
+            scores[s] = -INFINITY;
+            continue;
+        }
+        const float *ks = k + s * D;
+        float dot = 0;
+        for (int64_t j = 0; j < D; j++) dot += q[j] * ks[j];
+        float z = dot * d->attn_scale;
+        if (d->softcap > 0) z = tanhf(z / d->softcap) * d->softcap;
+        scores[s] = z;
+        if (z > mx) mx = z;
+    }
+    memset(out, 0, sizeof(float) * D);
+    if (mx == -INFINITY) return; /* an idle row: nothing visible */
+    float total = 0;
+    for (int64_t s = 0; s < n; s++) {
+        float e = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - mx);
+        scores[s] = e;
+        total += e;
+    }
+    for (int64_t s = 0; s < n; s++) {
+        if (scores[s] == 0.0f) continue;
+        float p = scores[s] / total;
+        const float *vs = v + s * D;
+        for (int64_t j = 0; j < D; j++) out[j] += p * vs[j];
+    }
+}
+
+/* All layers over h [M, hidden] in place (the embedded, scaled tokens in; the last layer's output
+ * out, before the final norm). Returns 0, or -1 if scratch memory could not be allocated. */
+int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const gf_rows *r, float *h,
+                     int threads) {
+    const int64_t M = r->M, H = d->hidden, D = d->head_dim, nq = d->heads * D, nkv = d->kv_heads * D;
+    const int64_t F = d->intermediate, nqkv = nq + 2 * nkv, group = d->heads / d->kv_heads;
+    const int64_t n_max = r->kv_len > r->ring_len ? r->kv_len : r->ring_len;
+    int64_t widest = nqkv > 2 * F ? nqkv : 2 * F;
+    /* x, qkv, y (attention out), t (a projection out), gate|up, act, scratch, scores per (row, head) */
+    size_t floats = (size_t)(M * (H + nqkv + nq + H + 2 * F + F + widest) + M * d->heads * (n_max + 1));
+    float *mem = malloc(sizeof(float) * floats);
+    if (!mem) return -1;
+    float *x = mem, *qkv = x + M * H, *y = qkv + M * nqkv, *t = y + M * nq, *gu = t + M * H;
+    float *act = gu + M * 2 * F, *scratch = act + M * F, *scores = scratch + M * widest;
+
+    int64_t l = 0;
+    for (; l < L; l++) {
+        const gf_layer *ly = &layers[l];
+        const int local = ly->local;
+        const float *cosv = local ? r->cos_local : r->cos_global, *sinv = local ? r->sin_local : r->sin_global;
+        const int64_t *cols = local ? r->ring_cols : r->global_cols;
+        const int64_t *spos = local ? r->ring_pos : r->global_pos;
+        const int64_t stride = local ? r->ring_stride : r->global_stride;
+        const int64_t n = local ? r->ring_len : r->kv_len, window = local ? d->window : 0;
+
+        for (int64_t m = 0; m < M; m++) rms_norm(h + m * H, ly->attn_norm, x + m * H, H, d->eps);
+        if (project(x, M, ly->qkv, ly->n_qkv, qkv, scratch, threads)) break;
+        for (int64_t m = 0; m < M; m++) {
+            float *q = qkv + m * nqkv, *k = q + nq, *v = k + nkv;
+            for (int64_t hd = 0; hd < d->heads; hd++) {
+                if (ly->q_norm) rms_norm(q + hd * D, ly->q_norm, q + hd * D, D, d->eps);
+                rope(q + hd * D, cosv + m * D, sinv + m * D, D);
+            }
+            for (int64_t hd = 0; hd < d->kv_heads; hd++) {
+                if (ly->k_norm) rms_norm(k + hd * D, ly->k_norm, k + hd * D, D, d->eps);
+                rope(k + hd * D, cosv + m * D, sinv + m * D, D);
+                /* the write before the attention: the new token sees itself */
+                int64_t at = ((m * d->kv_heads + hd) * ly->slots + cols[m]) * D;
+                memcpy(ly->k_cache + at, k + hd * D, sizeof(float) * D);
+                memcpy(ly->v_cache + at, v + hd * D, sizeof(float) * D);
+            }
+        }
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t hd = 0; hd < d->heads; hd++) {
+                int64_t kvh = hd / group, base = (m * d->kv_heads + kvh) * ly->slots * D;
+                attend_head(qkv + m * nqkv + hd * D, ly->k_cache + base, ly->v_cache + base, spos + m * stride, n,
+                            r->positions[m], window, d, scores + (m * d->heads + hd) * (n_max + 1),
+                            y + m * nq + hd * D);
+            }
+        if (gemv(y, M, &ly->o, t, threads)) break;
+        for (int64_t m = 0; m < M; m++) {
+            rms_norm(t + m * H, ly->post_attn_norm, t + m * H, H, d->eps);
+            for (int64_t i = 0; i < H; i++) h[m * H + i] += t[m * H + i];
+            rms_norm(h + m * H, ly->pre_mlp_norm, x + m * H, H, d->eps);
+        }
+        if (project(x, M, ly->gate_up, ly->n_gate_up, gu, scratch, threads)) break;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t i = 0; i < F; i++) act[m * F + i] = gelu_tanh(gu[m * 2 * F + i]) * gu[m * 2 * F + F + i];
+        if (gemv(act, M, &ly->down, t, threads)) break;
+        for (int64_t m = 0; m < M; m++) {
+            rms_norm(t + m * H, ly->post_mlp_norm, t + m * H, H, d->eps);
+            for (int64_t i = 0; i < H; i++) h[m * H + i] += t[m * H + i];
+        }
+    }
+    free(mem);
+    return l == L ? 0 : -1; /* a break above: a kernel's own allocation failed */
+}

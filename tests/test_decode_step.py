@@ -1,0 +1,112 @@
+"""The native decode step (decode_step.c, generation/native.py) against the eager torch step.
+
+Oracle: ``fast.decode_step`` run eagerly on the same GGUF-native model and an identical cache, whose
+own oracles (a full forward, transformers) are in tests/test_fast.py. Tiny Gemma 2 (soft-caps,
+window 24) and Gemma 3 (QK-norm, window 8) files, decoded past the window so local layers wrap
+their rings, batched rows of different lengths and an idle row included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemmaforge
+from gemmaforge import cpu_kernel
+from gemmaforge import gguf_quant as gq
+from gemmaforge.checkpoint import gguf as G
+from gemmaforge.config import preset
+from gemmaforge.generation import Engine
+from gemmaforge.generation.fast import FastForward
+from gemmaforge.generation.native import NativeStep, supported
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler for the native kernels")
+
+
+def _tiny_gguf(tmp_path, name):
+    c = preset(name).replace(query_pre_attn_scalar=preset(name).head_dim)  # as test_gguf.gguf_ready
+    if c.family == "gemma3":
+        c = c.replace(rope_local_theta=10000.0)
+    g = torch.Generator().manual_seed(3)
+    tensors = {n: 0.2 * torch.randn(s, generator=g) for n, s in G.expected_shapes(c).items()}
+    return gemmaforge.load(G.write_gguf(tmp_path / f"{name}.gguf", c, tensors, dtype="q8_0"))
+
+
+def _unfuse(model):
+    """The same weights as separate q/k/v and gate/up modules: what a file whose projections have
+    different layouts (gguf_quant.concat refuses them) loads into."""
+    c = model.config
+    split = lambda f, sizes: [gq.BlockQuantLinear(f.codes[a:b].clone(), f.scale[a:b].clone(), None, f.group, f.qtype)
+                              for a, b in zip([0, *sizes[:-1]], sizes)]
+    for block in model.layers:
+        nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        block.attn.q_proj, block.attn.k_proj, block.attn.v_proj = split(block.attn.fused_qkv, [nq, nq + nkv, nq + 2 * nkv])
+        del block.attn.fused_qkv
+        f = c.intermediate_size
+        block.mlp.gate_proj, block.mlp.up_proj = split(block.mlp.fused_gate_up, [f, 2 * f])
+        del block.mlp.fused_gate_up
+    return model
+
+
+def _decode_both(model, rows, steps, start, slack=0):
+    """Decode ``steps`` tokens in ``rows`` pool rows with the native and the eager step, feeding both
+    the eager step's greedy tokens; row r starts at position start[r] (None: idle). Returns the
+    worst relative difference of the live rows' logits. With ``slack`` the rings hold more than a
+    window, so the window is enforced by the mask, not by overwriting."""
+    native, eager = FastForward(model, compile=False), FastForward(model, compile=False, native=False)
+    assert native.native is not None and eager.native is None
+    cn, ce = native.new_cache(rows, 64, slack), eager.new_cache(rows, 64, slack)
+    tokens = torch.arange(1, rows + 1)[:, None]
+    worst = 0.0
+    with torch.inference_mode():
+        for i in range(steps):
+            pos = torch.tensor([[-1 if s is None else s + i] for s in start])
+            a, b = native(tokens, pos, cn), eager(tokens, pos, ce)
+            live = pos[:, 0] >= 0
+            worst = max(worst, ((a[live] - b[live]).abs().max() / b[live].abs().max()).item())
+            tokens = torch.where(live[:, None], b.argmax(-1, keepdim=True), 0)
+        for i in range(model.config.num_layers):  # the cache holds the same keys and values
+            torch.testing.assert_close(cn.k[i][live], ce.k[i][live], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(cn.v[i][live], ce.v[i][live], rtol=1e-4, atol=1e-5)
+    assert cn.lengths == ce.lengths
+    return worst
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
+def test_native_step_equals_the_eager_step(tmp_path, name):
+    model = _tiny_gguf(tmp_path, name)
+    assert supported(model)
+    # 40 steps: past both windows (24 and 8), so ring slots are overwritten and masked by position
+    assert _decode_both(model, 1, 40, [0]) < 1e-5
+    # rows of different lengths side by side, and an idle row (position -1) that must not disturb them
+    assert _decode_both(model, 3, 30, [0, 7, None]) < 1e-5
+    assert _decode_both(model, 2, 40, [0, 5], slack=4) < 1e-5
+
+
+def test_native_step_with_separate_projections(tmp_path):
+    model = _unfuse(_tiny_gguf(tmp_path, "tiny-gemma3"))
+    assert not hasattr(model.layers[0].attn, "fused_qkv") and supported(model)
+    assert _decode_both(model, 2, 20, [0, 3]) < 1e-5
+
+
+def test_native_step_is_the_default_only_where_it_applies(tmp_path):
+    model = _tiny_gguf(tmp_path, "tiny-gemma3")
+    assert FastForward(model).native is not None  # the default for a GGUF-native model
+    f32 = gemmaforge.load(tmp_path / "tiny-gemma3.gguf", quant="none")
+    assert not supported(f32) and FastForward(f32).native is None
+    with pytest.raises(ValueError, match="GGUF-native"):
+        NativeStep(f32)
+    with pytest.raises(ValueError, match="native=True"):
+        FastForward(f32, native=True)
+
+
+def test_engine_greedy_equals_the_eager_engine(tmp_path):
+    """The whole Engine path (prefill by hidden_states, decode by the native step) gives the eager
+    step's greedy tokens, alone and batched."""
+    model = _tiny_gguf(tmp_path, "tiny-gemma2")
+    prompts = [[2, 5, 9, 11], [2, 7]]
+    outs = []
+    for native in (True, False):
+        engine = Engine(model, compile=False)
+        engine.fast = FastForward(model, compile=False, native=native)
+        outs.append(engine.generate(prompts, gemmaforge.SamplingParams(max_new_tokens=30)))
+    assert outs[0] == outs[1]
