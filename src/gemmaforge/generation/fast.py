@@ -24,8 +24,8 @@ When the step is compiled (``FastForward``):
   reading its 1 GB of weights and compiling it gained nothing measurable (10.0 vs 9.5 tok/s), so
   it stays eager.
 
-A GGUF-native model on CPU (the default load of a quantized GGUF file) decodes batches of fewer
-than 16 rows through ``native.NativeStep`` instead (decode_step.c: every layer in one C call, the
+A GGUF-native model on CPU (the default load of a quantized GGUF file) decodes batches of up to
+16 rows through ``native.NativeStep`` instead (decode_step.c: every layer in one C call, the
 same math), which is faster than the compiled step and compiles nothing.
 
 Compiling costs 30-60 s the first time on 2 cores and ~14 s once inductor's on-disk cache has the
@@ -249,7 +249,7 @@ class FastForward:
                 torch._dynamo.mark_static_address(t)
             self._static.add(id(cache))
         kv_lens = None if self.graphs else (n, min(n, cache.ring))
-        if self.native is not None and cache.num_rows < self.native.max_rows:
+        if self.native is not None and cache.num_rows <= self.native.max_rows:
             logits = self.native(tokens, positions, cache, kv_lens, self.normalizer)
         else:
             logits = self._step(self.model, tokens, positions, cache, kv_lens, self.normalizer)
