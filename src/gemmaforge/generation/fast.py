@@ -148,7 +148,10 @@ class FastForward:
     to verify or score) takes ``Gemma.hidden_states``, and only the requested columns go through
     the output head.
 
-    ``compile``: None = on CUDA, and on CPU for a quantized model (module docstring); ``mode``: None =
+    ``native``: None = decode steps of up to 16 rows of a GGUF-native CPU model go through
+    ``native.NativeStep`` (decode_step.c), False = never, True = required (an error if the model
+    cannot take it). ``compile``: None = on CUDA, and on CPU for a quantized model (module docstring),
+    which the native step then serves only above 16 rows; ``mode``: None =
     "reduce-overhead" on CUDA (CUDA graphs), "default" elsewhere. With CUDA graphs the caches must
     stay at fixed addresses (graphs replay recorded pointers): caches are marked static the first
     time they are seen, and each new pool shape costs one compilation (``new_cache`` rounds lengths
