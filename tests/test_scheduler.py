@@ -205,6 +205,26 @@ def test_prefix_reuse_skips_the_shared_prefill_and_changes_no_token(tiny, fast):
         assert len(held) == sched.cache.lengths[row]
 
 
+def test_prefix_reuse_takes_the_lowest_of_equal_rows(tiny):
+    """Rows holding the same reusable prefix: a new request takes the lowest of them, so a single
+    stream's decode step stays one row wide (it covers rows 0..the last busy one)."""
+    v = tiny.config.vocab_size
+    sched = Engine(tiny).scheduler(3, 64, prefix_reuse=True)
+    shared = prompt(3, v, 30)  # + 1 + 2 new tokens: within the ring (window 8), so the rows can be cut back
+    run_seqs(sched, [Request(shared + prompt(1, v, 31), SamplingParams(max_new_tokens=2)),
+                     Request(shared + prompt(1, v, 32), SamplingParams(max_new_tokens=2))])
+    assert sched.resident[0][:3] == sched.resident[1][:3] == shared
+    widths = []
+    forward = sched.engine.forward
+    sched.engine.forward = lambda tokens, *a, **k: widths.append(tokens.shape[0]) or forward(tokens, *a, **k)
+    (seq,) = sched.submit(Request(shared + prompt(1, v, 33), SamplingParams(max_new_tokens=3)))
+    sched.step()
+    assert seq.row == 0 and seq.cached_tokens == 3
+    while sched.has_work():
+        sched.step()
+    assert widths and set(widths) == {1}  # every forward, prefill and decode, one row wide
+
+
 def run_seqs(sched, requests):
     groups = [sched.submit(r) for r in requests]
     while sched.has_work():
