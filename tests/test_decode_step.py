@@ -79,6 +79,8 @@ def test_native_step_equals_the_eager_step(tmp_path, name):
     assert _decode_both(model, 1, 40, [0]) < 1e-5
     # rows of different lengths side by side, and an idle row (position -1) that must not disturb them
     assert _decode_both(model, 3, 30, [0, 7, None]) < 1e-5
+    # idle rows below live ones (left out of the C call: each live row keeps its own cache row)
+    assert _decode_both(model, 4, 20, [None, 0, None, 5]) < 1e-5
     assert _decode_both(model, 2, 40, [0, 5], slack=4) < 1e-5
 
 

@@ -49,8 +49,10 @@ typedef struct {
 
 typedef struct { /* this step's rows: everything the cache and the rope tables say about them */
     int64_t M;
-    const int64_t *positions;                   /* [M], -1 = an idle row */
+    const int64_t *rows;                        /* [M]: the cache row of each (live) row of h */
+    const int64_t *positions;                   /* [M] */
     const int64_t *global_cols, *ring_cols;     /* [M]: where each row's new key goes */
+    /* ``rows`` lets the caller leave idle pool rows out: they would cost as much as live ones */
     const int64_t *global_pos, *ring_pos;       /* [rows, stride]: the position held by each slot */
     int64_t global_stride, ring_stride, kv_len, ring_len; /* slots attended: [0, kv_len) / [0, ring_len) */
     const float *cos_local, *sin_local, *cos_global, *sin_global; /* [M, head_dim] */
@@ -173,7 +175,7 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
                 if (ly->k_norm) rms_norm(k + hd * D, ly->k_norm, k + hd * D, D, d->eps);
                 rope(k + hd * D, cosv + m * D, sinv + m * D, D);
                 /* the write before the attention: the new token sees itself */
-                int64_t at = ((m * d->kv_heads + hd) * ly->slots + cols[m]) * D;
+                int64_t at = ((r->rows[m] * d->kv_heads + hd) * ly->slots + cols[m]) * D;
                 memcpy(ly->k_cache + at, k + hd * D, sizeof(float) * D);
                 memcpy(ly->v_cache + at, v + hd * D, sizeof(float) * D);
             }
@@ -181,8 +183,9 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
         for (int64_t m = 0; m < M; m++)
             for (int64_t hd = 0; hd < d->heads; hd++) {
-                int64_t kvh = hd / group, base = (m * d->kv_heads + kvh) * ly->slots * D;
-                attend_head(qkv + m * nqkv + hd * D, ly->k_cache + base, ly->v_cache + base, spos + m * stride, n,
+                int64_t kvh = hd / group, base = (r->rows[m] * d->kv_heads + kvh) * ly->slots * D;
+                attend_head(qkv + m * nqkv + hd * D, ly->k_cache + base, ly->v_cache + base,
+                            spos + r->rows[m] * stride, n,
                             r->positions[m], window, d, scores + (m * d->heads + hd) * (n_max + 1),
                             y + m * nq + hd * D);
             }

@@ -47,7 +47,7 @@ class _Dims(ctypes.Structure):
 
 
 class _Rows(ctypes.Structure):
-    _fields_ = [("M", c_int64), ("positions", c_void_p), ("global_cols", c_void_p), ("ring_cols", c_void_p),
+    _fields_ = [("M", c_int64), ("rows", c_void_p), ("positions", c_void_p), ("global_cols", c_void_p), ("ring_cols", c_void_p),
                 ("global_pos", c_void_p), ("ring_pos", c_void_p), ("global_stride", c_int64),
                 ("ring_stride", c_int64), ("kv_len", c_int64), ("ring_len", c_int64), ("cos_local", c_void_p),
                 ("sin_local", c_void_p), ("cos_global", c_void_p), ("sin_global", c_void_p)]
@@ -130,19 +130,34 @@ class NativeStep:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_lens: tuple[int, int],
                  normalizer: float) -> torch.Tensor:
-        model, m = self.model, tokens.shape[0]
+        """Idle rows (position -1) are left out of the layers and the head, which cost per row as
+        much for an idle row as for a live one; their logits are zeros (the scheduler reads only
+        live rows)."""
+        model = self.model
         self._bind(cache)
-        positions = positions.contiguous()
-        h = (model.embed(tokens) * normalizer).contiguous()  # [S, 1, hidden] float32
+        global_cols, ring_cols = cache.decode_columns(positions)
+        rows = torch.nonzero(positions[:, 0] >= 0)[:, 0]
+        every = rows.numel() == positions.shape[0]
+        if not every:
+            tokens, positions = tokens[rows], positions[rows]
+            global_cols, ring_cols = global_cols[rows], ring_cols[rows]
+        positions, global_cols, ring_cols = positions.contiguous(), global_cols.contiguous(), ring_cols.contiguous()
+        m = rows.numel()
+        h = (model.embed(tokens) * normalizer).contiguous()  # [m, 1, hidden] float32
         cos_l, sin_l = (t.contiguous() for t in rope_cos_sin(positions, model.inv_freq_local, h.dtype))
         cos_g, sin_g = (t.contiguous() for t in rope_cos_sin(positions, model.inv_freq_global, h.dtype))
-        global_cols, ring_cols = cache.decode_columns(positions)
         gpos, rpos = cache.global_pos, cache.ring_pos
-        rows = _Rows(m, positions.data_ptr(), global_cols.data_ptr(), ring_cols.data_ptr(), gpos.data_ptr(),
-                     rpos.data_ptr(), gpos.stride(0), rpos.stride(0), kv_lens[0], kv_lens[1], cos_l.data_ptr(),
-                     sin_l.data_ptr(), cos_g.data_ptr(), sin_g.data_ptr())
-        rc = cpu_kernel.library().gf_decode_layers(ctypes.byref(self.dims), self.layers, len(self.layers),
-                                                   ctypes.byref(rows), h.data_ptr(), torch.get_num_threads())
-        if rc:
-            raise MemoryError("native decode step: out of memory for its scratch buffers")
-        return model.logits(model.final_norm(h)[:, 0]).float()
+        step = _Rows(m, rows.data_ptr(), positions.data_ptr(), global_cols.data_ptr(), ring_cols.data_ptr(),
+                     gpos.data_ptr(), rpos.data_ptr(), gpos.stride(0), rpos.stride(0), kv_lens[0], kv_lens[1],
+                     cos_l.data_ptr(), sin_l.data_ptr(), cos_g.data_ptr(), sin_g.data_ptr())
+        if m:
+            rc = cpu_kernel.library().gf_decode_layers(ctypes.byref(self.dims), self.layers, len(self.layers),
+                                                       ctypes.byref(step), h.data_ptr(), torch.get_num_threads())
+            if rc:
+                raise MemoryError("native decode step: out of memory for its scratch buffers")
+        logits = model.logits(model.final_norm(h)[:, 0]).float()
+        if every:
+            return logits
+        out = logits.new_zeros(cache.num_rows, logits.shape[-1])
+        out[rows] = logits
+        return out
