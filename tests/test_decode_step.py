@@ -14,20 +14,18 @@ import gemmaforge
 from gemmaforge import cpu_kernel
 from gemmaforge import gguf_quant as gq
 from gemmaforge.checkpoint import gguf as G
-from gemmaforge.config import preset
 from gemmaforge.generation import Engine
-from gemmaforge.generation.fast import FastForward
+from gemmaforge.generation.fast import FastForward, decode_step
 from gemmaforge.generation.native import NativeStep, supported
+from test_gguf import gguf_ready, random_tensors
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler for the native kernels")
 
 
 def _tiny_gguf(tmp_path, name):
-    c = preset(name).replace(query_pre_attn_scalar=preset(name).head_dim)  # as test_gguf.gguf_ready
-    if c.family == "gemma3":
-        c = c.replace(rope_local_theta=10000.0)
-    g = torch.Generator().manual_seed(3)
-    tensors = {n: 0.2 * torch.randn(s, generator=g) for n, s in G.expected_shapes(c).items()}
+    c = gguf_ready(name)
+    # twice test_gguf's scale: attention logits large enough that Gemma 2's soft-cap changes them
+    tensors = {n: 2 * t for n, t in random_tensors(c, seed=3).items()}
     return gemmaforge.load(G.write_gguf(tmp_path / f"{name}.gguf", c, tensors, dtype="q8_0"))
 
 
@@ -92,7 +90,13 @@ def test_native_step_with_separate_projections(tmp_path):
 
 def test_native_step_is_the_default_only_where_it_applies(tmp_path):
     model = _tiny_gguf(tmp_path, "tiny-gemma3")
-    assert FastForward(model).native is not None  # the default for a GGUF-native model
+    fast = FastForward(model)
+    assert fast.native is not None  # the default for a GGUF-native model
+    # the compiled step would serve only pools of more than 16 rows: not set up before one comes,
+    # and caches of up to 16 rows are sized as asked (not to the compiled step's window minimum)
+    assert fast.compile and fast._step is decode_step
+    assert not fast.compiled_for(16) and fast.compiled_for(17)
+    assert fast.new_cache(2, 5).max_len == 5
     f32 = gemmaforge.load(tmp_path / "tiny-gemma3.gguf", quant="none")
     assert not supported(f32) and FastForward(f32).native is None
     with pytest.raises(ValueError, match="GGUF-native"):

@@ -131,7 +131,7 @@ def make_engine(model, args: argparse.Namespace, new_tokens: int | None = None):
     if compile is None and cpu and new_tokens is not None and new_tokens < COMPILE_PAYS_OFF_TOKENS:
         compile = False
     engine = Engine(model, compile=compile)
-    if engine.fast is not None and engine.fast.compile and engine.fast.native is None and sys.stderr.isatty():
+    if engine.fast is not None and engine.fast.compiled_for(1) and sys.stderr.isatty():
         print("gemmaforge: the first token compiles the decode step (30-60 s the first time, ~15 s once "
               "cached; --compile off skips it)", file=sys.stderr, flush=True)
     return engine

@@ -177,18 +177,30 @@ class FastForward:
         self.compile = compile
         self.graphs = compile and mode in ("reduce-overhead", "max-autotune")  # the CUDA-graph modes
         self.normalizer = embed_normalizer(model)
+        self._mode = mode
         self._step = decode_step
-        if compile:
-            # Without CUDA graphs, sizes are symbolic (kv_len, the cache length, the pool size): one
-            # compilation serves a whole chat. Weights keep static shapes (inductor's default).
-            self._step = torch.compile(_private_copy(decode_step), fullgraph=True, dynamic=not self.graphs,
-                                       **_compile_options(mode, device))
-            # No duck sizing: it would give two lengths that happen to be equal on the first call
-            # (global and ring, before the ring fills) one symbol, and recompile once they differ.
-            self._step = torch.fx.experimental._config.patch(use_duck_shape=False)(self._step)
+        # With the native step the compiled one serves only pools of more than 16 rows: it is built
+        # when one comes, not here (torch.compile's set-up imports dynamo, ~0.9 s of every start).
+        if compile and self.native is None:
+            self._compile_step()
         self._static: set[int] = set()
         self._marked: weakref.WeakSet = weakref.WeakSet()  # caches and views marked for dynamo
         self._pool: dict[tuple[int, int, int], KVCache] = {}
+
+    def _compile_step(self) -> None:
+        device = self.model.final_norm.weight.device
+        # Without CUDA graphs, sizes are symbolic (kv_len, the cache length, the pool size): one
+        # compilation serves a whole chat. Weights keep static shapes (inductor's default).
+        step = torch.compile(_private_copy(decode_step), fullgraph=True, dynamic=not self.graphs,
+                             **_compile_options(self._mode, device))
+        # No duck sizing: it would give two lengths that happen to be equal on the first call
+        # (global and ring, before the ring fills) one symbol, and recompile once they differ.
+        self._step = torch.fx.experimental._config.patch(use_duck_shape=False)(step)
+
+    def compiled_for(self, num_rows: int) -> bool:
+        """Whether decode steps over ``num_rows`` pool rows take the compiled step (else the native
+        or the eager one)."""
+        return self.compile and (self.native is None or num_rows > self.native.max_rows)
 
     def new_cache(self, num_rows: int, max_len: int, slack: int = 0) -> KVCache:
         """A cache for the engine.
@@ -198,7 +210,7 @@ class FastForward:
         least a window long, so that the local layers' rings always hold the same number of slots
         and only the global length varies (a dynamic dimension: no recompilation per length)."""
         c = self.model.config
-        if not self.compile:
+        if not self.compiled_for(num_rows):
             return self.model.new_cache(num_rows, max_len, slack)
         if not self.graphs:
             max_len = min(max(max_len, c.sliding_window + slack), c.max_position_embeddings)
@@ -237,9 +249,10 @@ class FastForward:
         if tokens.shape[1] > 1 or not first_rows or columns is not None:
             h = self.model.hidden_states(tokens, positions, cache, rows=rows)
             return self.model.logits(h[:, -1] if columns is None else h[:, columns]).float()
+        compiled = self.compiled_for(stop)
         if not self.graphs:  # CUDA graphs keep the pool's own tensors (their recorded addresses)
             cache = cache.prefix(stop)
-            if self.compile and cache not in self._marked:
+            if compiled and cache not in self._marked:
                 self._mark_ring_static(cache)
         # Read once on the host: the attended length is the longest *live* row's (idle rows, which
         # may still hold a finished request's keys for prefix reuse, have position -1).
@@ -252,9 +265,11 @@ class FastForward:
                 torch._dynamo.mark_static_address(t)
             self._static.add(id(cache))
         kv_lens = None if self.graphs else (n, min(n, cache.ring))
-        if self.native is not None and cache.num_rows <= self.native.max_rows:
+        if self.native is not None and stop <= self.native.max_rows:
             logits = self.native(tokens, positions, cache, kv_lens, self.normalizer)
         else:
+            if compiled and self._step is decode_step:
+                self._compile_step()
             logits = self._step(self.model, tokens, positions, cache, kv_lens, self.normalizer)
         if self.graphs:
             logits = logits.clone()  # CUDA graph outputs are overwritten by the next replay
