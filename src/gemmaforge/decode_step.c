@@ -49,10 +49,10 @@ typedef struct {
 
 typedef struct { /* this step's rows: everything the cache and the rope tables say about them */
     int64_t M;
-    const int64_t *rows;                        /* [M]: the cache row of each (live) row of h */
+    const int64_t *rows;                        /* [M]: the cache row of each row of h (idle pool rows
+                                                   are left out: they would cost as much as live ones) */
     const int64_t *positions;                   /* [M] */
     const int64_t *global_cols, *ring_cols;     /* [M]: where each row's new key goes */
-    /* ``rows`` lets the caller leave idle pool rows out: they would cost as much as live ones */
     const int64_t *global_pos, *ring_pos;       /* [rows, stride]: the position held by each slot */
     int64_t global_stride, ring_stride, kv_len, ring_len; /* slots attended: [0, kv_len) / [0, ring_len) */
     const float *cos_local, *sin_local, *cos_global, *sin_global; /* [M, head_dim] */
@@ -82,12 +82,12 @@ static inline float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(beta * (x + kappa * x * x * x)));
 }
 
-/* y [M, sum of n] = x @ [w0; w1; ...]^T as one matrix: fused weights are one call, separate ones
- * are written side by side into a scratch row each and copied together. */
 static int gemv(const float *x, int64_t M, const gf_weight *w, float *y, int threads) {
     return gf_block_gemv(x, M, w->k, w->codes, w->scale, w->offset, w->n, w->gs, y, threads);
 }
 
+/* y [M, sum of n] = x @ [w0; w1; ...]^T as one matrix: fused weights are one call, separate ones
+ * are written side by side into a scratch row each and copied together. */
 static int project(const float *x, int64_t M, const gf_weight *w, int32_t nw, float *y, float *scratch,
                    int threads) {
     if (nw == 1) return gemv(x, M, w, y, threads);
@@ -123,7 +123,7 @@ static void attend_head(const float *q, const float *k, const float *v, const in
         if (z > mx) mx = z;
     }
     memset(out, 0, sizeof(float) * D);
-    if (mx == -INFINITY) return; /* an idle row: nothing visible */
+    if (mx == -INFINITY) return; /* nothing visible (a live row always sees its own new key) */
     float total = 0;
     for (int64_t s = 0; s < n; s++) {
         float e = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - mx);
@@ -144,10 +144,10 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
                      int threads) {
     const int64_t M = r->M, H = d->hidden, D = d->head_dim, nq = d->heads * D, nkv = d->kv_heads * D;
     const int64_t F = d->intermediate, nqkv = nq + 2 * nkv, group = d->heads / d->kv_heads;
-    const int64_t n_max = r->kv_len > r->ring_len ? r->kv_len : r->ring_len;
+    const int64_t n_max = r->kv_len > r->ring_len ? r->kv_len : r->ring_len; /* scores per (row, head) */
     int64_t widest = nqkv > 2 * F ? nqkv : 2 * F;
     /* x, qkv, y (attention out), t (a projection out), gate|up, act, scratch, scores per (row, head) */
-    size_t floats = (size_t)(M * (H + nqkv + nq + H + 2 * F + F + widest) + M * d->heads * (n_max + 1));
+    size_t floats = (size_t)(M * (H + nqkv + nq + H + 2 * F + F + widest) + M * d->heads * n_max);
     float *mem = malloc(sizeof(float) * floats);
     if (!mem) return -1;
     float *x = mem, *qkv = x + M * H, *y = qkv + M * nqkv, *t = y + M * nq, *gu = t + M * H;
@@ -186,7 +186,7 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
                 int64_t kvh = hd / group, base = (r->rows[m] * d->kv_heads + kvh) * ly->slots * D;
                 attend_head(qkv + m * nqkv + hd * D, ly->k_cache + base, ly->v_cache + base,
                             spos + r->rows[m] * stride, n,
-                            r->positions[m], window, d, scores + (m * d->heads + hd) * (n_max + 1),
+                            r->positions[m], window, d, scores + (m * d->heads + hd) * n_max,
                             y + m * nq + hd * D);
             }
         if (gemv(y, M, &ly->o, t, threads)) break;

@@ -462,11 +462,10 @@ def _reference_child(payload: str) -> None:
     from .benchmark import BenchSettings, decode_timing, random_prompts
     from .generation.engine import Engine
     from .generation.sampling import SamplingParams
+    from .quant import load_quantized
 
     d = json.loads(payload)
     torch.set_num_threads(d["threads"])
-    from .quant import load_quantized
-
     model = load_quantized(d["model"], d["quant"])  # what `gemmaforge serve --quant` loads
     engine = Engine(model) if d["compile"] != "off" else Engine(model, fast=False)
     bs = BenchSettings(prompt_len=d["prompt_len"], new_tokens=d["new_tokens"], batch=1, threads=d["threads"],

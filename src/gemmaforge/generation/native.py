@@ -47,8 +47,8 @@ class _Dims(ctypes.Structure):
 
 
 class _Rows(ctypes.Structure):
-    _fields_ = [("M", c_int64), ("rows", c_void_p), ("positions", c_void_p), ("global_cols", c_void_p), ("ring_cols", c_void_p),
-                ("global_pos", c_void_p), ("ring_pos", c_void_p), ("global_stride", c_int64),
+    _fields_ = [("M", c_int64), ("rows", c_void_p), ("positions", c_void_p), ("global_cols", c_void_p),
+                ("ring_cols", c_void_p), ("global_pos", c_void_p), ("ring_pos", c_void_p), ("global_stride", c_int64),
                 ("ring_stride", c_int64), ("kv_len", c_int64), ("ring_len", c_int64), ("cos_local", c_void_p),
                 ("sin_local", c_void_p), ("cos_global", c_void_p), ("sin_global", c_void_p)]
 
@@ -95,7 +95,7 @@ class NativeStep:
     def __init__(self, model: Gemma):
         if not supported(model):
             raise ValueError("NativeStep needs a GGUF-native model on CPU (gguf_quant.build_model)")
-        c = self.config = model.config
+        c = model.config
         self.model = model
         self.dims = _Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
                           c.sliding_window, c.rms_norm_eps, c.attn_scale, c.attn_logit_softcap or 0.0)
@@ -116,7 +116,7 @@ class NativeStep:
                 layer.q_norm = block.attn.q_norm.weight.data_ptr()
                 layer.k_norm = block.attn.k_norm.weight.data_ptr()
             layer.local = int(c.is_local(i))
-        self._pool = None  # (address, slots) of the cache whose pointers the layers hold
+        self._pool = None  # (address, slots) per layer of the cache whose pointers the layers hold
 
     def _bind(self, cache: KVCache) -> None:
         key = tuple((k.data_ptr(), k.shape[2]) for k in cache.k)
