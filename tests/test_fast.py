@@ -241,7 +241,8 @@ def test_engine_fast_is_default_and_generates_what_eager_generates(name):
 
 # ---- the benchmark code paths on tiny models (speed is measured by the scripts, never asserted) ------
 def test_benchmark_runs_and_writes_a_report(tmp_path):
-    from gemmaforge.benchmark import BenchSettings, format_table, run_benchmark, write_json
+    from gemmaforge.benchmark import BenchSettings, run_benchmark, write_json
+    from gemmaforge.benchmark_report import format_table
 
     s = BenchSettings(prompt_len=12, new_tokens=3, batch=2, repeats=1, isolate=False,
                       variants=("gemmaforge:fp32", "gemmaforge:int8-h4", "gemmaforge-eager:fp32", "hf:fp32",

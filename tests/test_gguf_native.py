@@ -168,7 +168,8 @@ def test_load_gguf_quant_matches_the_float32_load(tmp_path):
 
 
 def test_benchmark_measures_the_file_as_stored_and_end_to_end(tmp_path):
-    from gemmaforge.benchmark import BenchSettings, format_table, run_benchmark
+    from gemmaforge.benchmark import BenchSettings, run_benchmark
+    from gemmaforge.benchmark_report import format_table
 
     path = _tiny_q8_file(tmp_path)
     s = BenchSettings(prompt_len=12, new_tokens=3, batch=2, repeats=1, ppl_chars=0, isolate=False,

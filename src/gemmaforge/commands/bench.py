@@ -16,7 +16,8 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from ..benchmark import DEFAULT_VARIANTS, BenchSettings, format_table, run_benchmark, write_json
+from ..benchmark import DEFAULT_VARIANTS, BenchSettings, run_benchmark, write_json
+from ..benchmark_report import format_table
 from ..errors import GemmaforgeError
 
 
