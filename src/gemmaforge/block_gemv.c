@@ -150,10 +150,18 @@ static inline __attribute__((always_inline)) void row_tile(
     default: row_tile(xm, K, c, s, o, xs, G, gs, 1, ym, N); m += 1; break;                         \
     }
 
+/* amx_gemm.c, linked into the same library: the same product on AMX tiles, where the CPU has them */
+extern int gf_amx_enabled;
+int gf_amx_gemm(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
+                const float *offset, int64_t N, int64_t gs, float *y, int threads);
+#define AMX_MIN_ROWS 6
+
 /* x [M, K], codes [N, K], scale/offset [N, K/gs] (offset may be NULL), y [M, N]; K % gs == 0,
  * gs a multiple of 16. Returns 0, or -1 if the offset sums could not be allocated. */
 int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
                   const float *offset, int64_t N, int64_t gs, float *y, int threads) {
+    if (gf_amx_enabled && M >= AMX_MIN_ROWS && N % 16 == 0 && K % 32 == 0 && (gs == 16 || gs == 32))
+        return gf_amx_gemm(x, M, K, codes, scale, offset, N, gs, y, threads);
     int64_t G = K / gs;
     float *xsum = NULL;
     if (offset) {

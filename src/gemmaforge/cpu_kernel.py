@@ -1,5 +1,6 @@
-"""The native CPU kernels, built once per machine: the block-quantized GEMV (block_gemv.c) and the
-decode step over every layer that calls it (decode_step.c, generation/native.py).
+"""The native CPU kernels, built once per machine: the block-quantized GEMV (block_gemv.c), its AMX
+form for several rows (amx_gemm.c, on CPUs with AMX tiles) and the decode step over every layer that
+calls them (decode_step.c, generation/native.py).
 
 Why a C kernel: inductor's code for this reduction is fast only with every size static (one
 compilation per weight shape and batch size), and eager torch ops write the float weight out.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("block_gemv.c", "decode_step.c"))  # one library
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("block_gemv.c", "amx_gemm.c", "decode_step.c"))  # one library
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 
@@ -86,6 +87,10 @@ def library() -> ctypes.CDLL | None:
     lib.gf_dequantize.restype = ctypes.c_int
     lib.gf_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.gf_decode_layers.restype = ctypes.c_int
+    lib.gf_amx_init.argtypes = [ctypes.c_int]
+    lib.gf_amx_init.restype = ctypes.c_int
+    global _amx
+    _amx = lib.gf_amx_init(os.environ.get("GEMMAFORGE_AMX", "1") != "0") == 1
     return lib
 
 
@@ -93,6 +98,23 @@ def available() -> bool:
     """Whether the kernel can run here. Read when a BlockQuantLinear is built, never inside a
     compiled step (dynamo would trace the build)."""
     return library() is not None
+
+
+_amx = False  # gf_amx_enabled's value, readable inside a compiled graph without a call into C
+
+
+def use_amx(on: bool = True) -> bool:
+    """Turn the AMX kernel (amx_gemm.c) on or off for this process; returns whether it is on. On by
+    default where the CPU and the compiler have AMX (``GEMMAFORGE_AMX=0`` turns it off at start)."""
+    global _amx
+    lib = library()
+    _amx = lib is not None and lib.gf_amx_init(int(on)) == 1
+    return _amx
+
+
+def amx_on() -> bool:
+    """Whether gf_block_gemv takes the AMX kernel for 2 rows or more (and so for prefill too)."""
+    return _amx
 
 
 def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

@@ -178,7 +178,9 @@ class BlockQuantLinear(nn.Module):
 
     Which kernel, by where it runs and how many rows x has:
       CPU, < 16 rows        block_gemv.c (cpu_kernel.py); inside a compiled step as the custom
-                            op ``gemmaforge::block_gemv`` (no C compiler: the sgemm path)
+                            op ``gemmaforge::block_gemv`` (no C compiler: the sgemm path); from
+                            6 rows on a CPU with AMX, block_gemv.c hands over to amx_gemm.c
+      CPU with AMX, any     the same kernel call: amx_gemm.c's tiles beat the sgemm below 2-3x
       CPU, >= 16 rows       dequantize ``_CHUNK_WEIGHTS`` at a time into a reused buffer and
                             sgemm into the matching rows of y^T (never the whole float weight)
       compiled (>= 16 rows), dequantize the whole weight, then F.linear (the reference the
@@ -211,7 +213,7 @@ class BlockQuantLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         grad = torch.is_grad_enabled() and x.requires_grad
         compiling = torch.compiler.is_compiling()
-        if x.device.type == "cpu" and not grad and x.shape[0] < _GEMV_ROWS and self.kernel:
+        if x.device.type == "cpu" and not grad and self.kernel and (x.shape[0] < _GEMV_ROWS or cpu_kernel.amx_on()):
             if compiling:  # one opaque node in the compiled graph
                 return torch.ops.gemmaforge.block_gemv(x, self.codes, self.scale, self.offset)
             return cpu_kernel.run_block_gemv(x, self.codes, self.scale, self.offset)
