@@ -14,9 +14,10 @@
  * What differs from float32: the order of the sums, and AMX's flush of denormals (|x| < 1.2e-38) to zero.
  * tests/test_amx.py compares both kernels against a float64 reference.
  *
- * One AMX tile multiply covers 16 weight rows x 16 rows of x x one group of 32 (or 16) codes, and the
- * float32 result is scaled and summed in AVX-512 registers. On 2 Sapphire Rapids cores it is ~3x the
- * float32 sgemm that the dequantize-then-matmul prefill path runs at (docs/benchmarks.md).
+ * One AMX tile multiply covers 16 weight rows x 16 columns of x x one group of 32 (or 16) codes, and
+ * the float32 result is scaled and summed in AVX-512 registers. On 2 Sapphire Rapids cores, 128 rows
+ * run 1.4-2.2x faster than the dequantize-then-sgemm path, 8-16 rows 1.2-3.4x faster than the AVX-512
+ * kernel (docs/quantization.md, "On AMX tiles, still exact").
  *
  * Built only where the compiler targets AMX (-march=native on a CPU with amx_tile and amx_bf16);
  * elsewhere gf_amx_init returns -1 and block_gemv.c's kernel is the only one. Linux hands out AMX
@@ -69,8 +70,7 @@ typedef struct __attribute__((packed)) {
 #define T_X0 2  /* gs/2 pairs x 16 columns x 2 */
 #define T_X1 3
 #define T_X2 4
-#define T_ACC1 5 /* the second stacked tile's result, or the second group's in flight */
-#define T_W1 6   /* the second group's codes in flight */
+#define T_ACC1 5 /* the second stacked tile's result */
 #define STACK 5   /* rows of x in a stacked tile: 3 parts x 5 = 15 of its 16 columns */
 
 static void configure(int gs) {
@@ -78,7 +78,7 @@ static void configure(int gs) {
     memset(&c, 0, sizeof c);
     c.palette = 1;
     c.rows[T_ACC] = c.rows[T_ACC1] = 16, c.colsb[T_ACC] = c.colsb[T_ACC1] = 64;
-    c.rows[T_W] = c.rows[T_W1] = 16, c.colsb[T_W] = c.colsb[T_W1] = 2 * gs;
+    c.rows[T_W] = 16, c.colsb[T_W] = 2 * gs;
     for (int t = T_X0; t <= T_X2; t++) c.rows[t] = gs / 2, c.colsb[t] = 64;
     _tile_loadconfig(&c);
 }
@@ -160,9 +160,8 @@ static void wide_block(const uint16_t *w, const uint16_t *const parts[3], const 
 }
 
 /* Stacked: weight rows [n0, n0 + 16) against ``nx`` (1 or 2, a constant at each call) stacked tiles;
- * acc[16 t + r] lane 5 p + j = part p's share of y[5 t + j, n0 + r]. With one tile of x, two groups
- * are in flight on two sets of tile registers: tile registers are not renamed, so one group's
- * load -> multiply -> store chain alone leaves the tile unit idle. */
+ * acc[16 t + r] lane 5 p + j = part p's share of y[5 t + j, n0 + r]. (Two groups in flight on two
+ * sets of tile registers measured no faster: the codes' conversion is the bottleneck here.) */
 static inline __attribute__((always_inline)) void stacked_block(
     const uint16_t *w, const uint16_t *xs, const float *scale, const float *offset, const float *xsum,
     int64_t n0, int64_t K, int64_t gs, const int nx, const int8_t *next, __m512 *acc) {
@@ -170,43 +169,20 @@ static inline __attribute__((always_inline)) void stacked_block(
     float tile[2][256] __attribute__((aligned(64)));
     for (int r = 0; r < 16 * nx; r++) acc[r] = _mm512_setzero_ps();
     const float *s = scale + n0 * G, *o = offset ? offset + n0 * G : NULL;
-    if (nx == 1) {
-        for (int64_t g = 0; g < G; g += 2) {
-            int two = g + 1 < G;
-            if (next) prefetch_share(next, g, gs);
-            _tile_loadd(T_W, w + g * gs, 2 * K);
-            _tile_zero(T_ACC);
-            _tile_loadd(T_X0, xs + g * gs * 16, 64);
-            _tile_dpbf16ps(T_ACC, T_W, T_X0);
-            if (two) {
-                if (next) prefetch_share(next, g + 1, gs);
-                _tile_loadd(T_W1, w + (g + 1) * gs, 2 * K);
-                _tile_zero(T_ACC1);
-                _tile_loadd(T_X1, xs + (g + 1) * gs * 16, 64);
-                _tile_dpbf16ps(T_ACC1, T_W1, T_X1);
-            }
-            _tile_stored(T_ACC, tile[0], 64);
-            scale_add(acc, tile[0], s + g, o ? o + g : NULL, o ? _mm512_loadu_ps(xsum + g * 16) : acc[0], G);
-            if (two) {
-                _tile_stored(T_ACC1, tile[1], 64);
-                scale_add(acc, tile[1], s + g + 1, o ? o + g + 1 : NULL,
-                          o ? _mm512_loadu_ps(xsum + (g + 1) * 16) : acc[0], G);
-            }
-        }
-        return;
-    }
     for (int64_t g = 0; g < G; g++) {
         if (next) prefetch_share(next, g, gs);
         _tile_loadd(T_W, w + g * gs, 2 * K);
         _tile_zero(T_ACC);
         _tile_loadd(T_X0, xs + g * gs * 16, 64);
         _tile_dpbf16ps(T_ACC, T_W, T_X0);
-        _tile_zero(T_ACC1);
-        _tile_loadd(T_X1, xs + 16 * K + g * gs * 16, 64);
-        _tile_dpbf16ps(T_ACC1, T_W, T_X1);
+        if (nx == 2) {
+            _tile_zero(T_ACC1);
+            _tile_loadd(T_X1, xs + 16 * K + g * gs * 16, 64);
+            _tile_dpbf16ps(T_ACC1, T_W, T_X1);
+        }
         _tile_stored(T_ACC, tile[0], 64);
-        _tile_stored(T_ACC1, tile[1], 64);
-        for (int t = 0; t < 2; t++)
+        if (nx == 2) _tile_stored(T_ACC1, tile[1], 64);
+        for (int t = 0; t < nx; t++)
             scale_add(acc + 16 * t, tile[t], s + g, o ? o + g : NULL,
                       o ? _mm512_loadu_ps(xsum + (t * G + g) * 16) : acc[0], G);
     }
@@ -228,7 +204,10 @@ int gf_amx_gemm(const float *x, int64_t M, int64_t K, const int8_t *codes, const
         return -1;
     }
     const uint16_t *parts[3] = {xv, xv + len / 3, xv + 2 * (len / 3)};
-    memset(xv, 0, len * sizeof(uint16_t)); /* columns no row fills */
+    /* zero the columns no row fills: a stacked buffer's spare ones, a wide one's last partial tile */
+    if (stacked) memset(xv, 0, len * sizeof(uint16_t));
+    else if (M % 16)
+        for (int p = 0; p < 3; p++) memset((uint16_t *)parts[p] + (tiles - 1) * tile_len, 0, tile_len * sizeof(uint16_t));
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t m = 0; m < M; m++) {
         int64_t t = stacked ? m / STACK : m / 16, col = stacked ? m % STACK : m % 16;
