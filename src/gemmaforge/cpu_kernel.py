@@ -113,7 +113,8 @@ def use_amx(on: bool = True) -> bool:
 
 
 def amx_on() -> bool:
-    """Whether gf_block_gemv takes the AMX kernel for 2 rows or more (and so for prefill too)."""
+    """Whether gf_block_gemv takes the AMX kernel for 6 rows or more (block_gemv.c's AMX_MIN_ROWS),
+    so that prefill goes to it too instead of the dequantize-and-sgemm path."""
     return _amx
 
 
