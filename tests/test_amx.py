@@ -66,16 +66,33 @@ def test_amx_product_is_float32_exact(m, gs, offset, amx_off):
     assert (((rounded - ref).abs() / size).amax(dim=1) > 30 * bound + 1e-8).any()
 
 
-def test_small_batches_keep_the_avx_kernel():
+def test_small_batches_keep_the_avx_kernel(amx_off):
     """Below 6 rows the AVX-512 kernel is faster (docs/quantization.md): same bits as with AMX off."""
     codes, scale, off, _ = _weight(32, 64, 32, True, seed=0)
     x = torch.randn(5, 64)
     y = cpu_kernel.run_block_gemv(x, codes, scale, off)
-    cpu_kernel.use_amx(False)
-    try:
-        assert torch.equal(y, cpu_kernel.run_block_gemv(x, codes, scale, off))
-    finally:
-        cpu_kernel.use_amx(True)
+    amx_off()
+    assert torch.equal(y, cpu_kernel.run_block_gemv(x, codes, scale, off))
+
+
+def test_prefill_of_a_shape_amx_does_not_take_keeps_the_sgemm_path(monkeypatch):
+    """24 output rows (not a multiple of the tile's 16): a 20-row product goes to dequantize + sgemm,
+    not to the one-row-at-a-time GEMV, and is still the float32 product."""
+    from gemmaforge.gguf_quant import BlockQuantLinear
+
+    codes, scale, off, w = _weight(24, 64, 32, True, seed=2)
+    lin, fits = BlockQuantLinear(codes, scale, off, 32), BlockQuantLinear(*_weight(32, 64, 32, True, seed=2)[:3], 32)
+    assert not lin.amx_shape and fits.amx_shape
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "run_block_gemv", lambda x, c, *a: calls.append(c) or x.new_zeros(x.shape[0], c.shape[0]))
+    x = torch.randn(20, 64)
+    with torch.inference_mode():
+        y = lin(x)
+    assert not calls
+    assert ((y.double() - x.double() @ w.t()).abs().max() / (x.double().abs() @ w.abs().t()).max()).item() < 1e-6
+    with torch.inference_mode():
+        fits(x)
+    assert len(calls) == 1  # the shape it takes does go to the kernel
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])

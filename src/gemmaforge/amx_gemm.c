@@ -53,6 +53,12 @@ int gf_amx_init(int enable) {
 #endif
 }
 
+/* Whether the kernel takes an [N, K] weight in groups of gs, for any number of rows of x: the one
+ * copy of this rule (gf_block_gemv asks it per call, gguf_quant.BlockQuantLinear once per weight). */
+int gf_amx_takes(int64_t N, int64_t K, int64_t gs) {
+    return N % 16 == 0 && K % 32 == 0 && (gs == 16 || gs == 32);
+}
+
 #ifdef GF_AMX
 typedef struct __attribute__((packed)) {
     uint8_t palette, start_row, reserved[14];
@@ -188,8 +194,8 @@ static inline __attribute__((always_inline)) void stacked_block(
     }
 }
 
-/* x [M, K], codes [N, K], scale/offset [N, K/gs] (offset may be NULL), y [M, N]; N % 16 == 0,
- * K % 32 == 0, gs 16 or 32 (gf_block_gemv checks). Returns 0, or -1 if out of memory. */
+/* x [M, K], codes [N, K], scale/offset [N, K/gs] (offset may be NULL), y [M, N], for a weight
+ * gf_amx_takes (gf_block_gemv checks). Returns 0, or -1 if out of memory. */
 int gf_amx_gemm(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
                 const float *offset, int64_t N, int64_t gs, float *y, int threads) {
     int64_t G = K / gs;

@@ -152,6 +152,7 @@ static inline __attribute__((always_inline)) void row_tile(
 
 /* amx_gemm.c, linked into the same library: the same product on AMX tiles, where the CPU has them */
 extern int gf_amx_enabled;
+int gf_amx_takes(int64_t N, int64_t K, int64_t gs);
 int gf_amx_gemm(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
                 const float *offset, int64_t N, int64_t gs, float *y, int threads);
 #define AMX_MIN_ROWS 6
@@ -160,7 +161,7 @@ int gf_amx_gemm(const float *x, int64_t M, int64_t K, const int8_t *codes, const
  * gs a multiple of 16. Returns 0, or -1 if the offset sums could not be allocated. */
 int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
                   const float *offset, int64_t N, int64_t gs, float *y, int threads) {
-    if (gf_amx_enabled && M >= AMX_MIN_ROWS && N % 16 == 0 && K % 32 == 0 && (gs == 16 || gs == 32))
+    if (gf_amx_enabled && M >= AMX_MIN_ROWS && gf_amx_takes(N, K, gs))
         return gf_amx_gemm(x, M, K, codes, scale, offset, N, gs, y, threads);
     int64_t G = K / gs;
     float *xsum = NULL;

@@ -87,6 +87,8 @@ def library() -> ctypes.CDLL | None:
     lib.gf_dequantize.restype = ctypes.c_int
     lib.gf_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.gf_decode_layers.restype = ctypes.c_int
+    lib.gf_amx_takes.argtypes = [i64, i64, i64]
+    lib.gf_amx_takes.restype = ctypes.c_int
     lib.gf_amx_init.argtypes = [ctypes.c_int]
     lib.gf_amx_init.restype = ctypes.c_int
     global _amx
@@ -113,9 +115,17 @@ def use_amx(on: bool = True) -> bool:
 
 
 def amx_on() -> bool:
-    """Whether gf_block_gemv takes the AMX kernel for 6 rows or more (block_gemv.c's AMX_MIN_ROWS),
-    so that prefill goes to it too instead of the dequantize-and-sgemm path."""
+    """Whether gf_block_gemv takes the AMX kernel for 6 rows or more (block_gemv.c's AMX_MIN_ROWS)
+    of a weight that ``amx_takes``, so that prefill goes to it too instead of the dequantize-and-
+    sgemm path."""
     return _amx
+
+
+def amx_takes(n: int, k: int, group: int) -> bool:
+    """Whether the AMX kernel takes an [n, k] weight in groups of ``group`` (amx_gemm.c's rule),
+    when it is on; false without the library."""
+    lib = library()
+    return lib is not None and lib.gf_amx_takes(n, k, group) == 1
 
 
 def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

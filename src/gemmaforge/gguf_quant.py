@@ -197,6 +197,9 @@ class BlockQuantLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
         self.kernel = cpu_kernel.available()  # a constant for a compiled step, like the shapes
+        # Whether prefill may go to the C kernel: only if its AMX form takes this shape, else
+        # gf_block_gemv would run the many rows through the GEMV, slower than the sgemm path.
+        self.amx_shape = self.kernel and cpu_kernel.amx_takes(self.out_features, self.in_features, group)
 
     def dequantize(self, rows=None) -> torch.Tensor:
         if rows is None:
@@ -213,7 +216,8 @@ class BlockQuantLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         grad = torch.is_grad_enabled() and x.requires_grad
         compiling = torch.compiler.is_compiling()
-        if x.device.type == "cpu" and not grad and self.kernel and (x.shape[0] < _GEMV_ROWS or cpu_kernel.amx_on()):
+        few = x.shape[0] < _GEMV_ROWS
+        if x.device.type == "cpu" and not grad and self.kernel and (few or (self.amx_shape and cpu_kernel.amx_on())):
             if compiling:  # one opaque node in the compiled graph
                 return torch.ops.gemmaforge.block_gemv(x, self.codes, self.scale, self.offset)
             return cpu_kernel.run_block_gemv(x, self.codes, self.scale, self.offset)
