@@ -101,6 +101,10 @@ def test_model_with_amx_matches_model_without(tmp_path, name, amx_off):
     AMX kernel in every decode step), with the kernel on and off."""
     c = gguf_ready(name)
     model = gemmaforge.load(G.write_gguf(tmp_path / f"{name}.gguf", c, random_tensors(c, seed=5), dtype="q8_0"))
+    from gemmaforge.gguf_quant import BlockQuantLinear
+
+    linears = [m for m in model.modules() if isinstance(m, BlockQuantLinear)]
+    assert linears and all(m.amx_shape for m in linears)  # else on and off would run the same kernel
     tokens = torch.randint(1, c.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     prompts = [list(range(3 + i, 12 + 2 * i)) for i in range(8)]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
