@@ -1,8 +1,9 @@
+# not "kernels.py": a script run from bench/ would shadow the `kernels` package transformers imports
 """The block-quantized matmul kernels side by side on the embedded model's weight shapes, one process:
 the AMX tiles (amx_gemm.c), the AVX-512 kernel (block_gemv.c, AMX off) and dequantize + sgemm
 (``BlockQuantLinear._chunked``, 16 rows or more), by number of rows of x.
 
-    python bench/kernels.py              # 2 threads; best of 20 calls per cell, ms
+    python bench/quant_kernels.py              # 2 threads; best of 20 calls per cell, ms
 
 Random codes in the weights' ranges; prints the CPU and whether AMX is on (docs/quantization.md,
 "On AMX tiles, still exact", quotes its table). Without AMX the AMX column repeats the AVX one.
