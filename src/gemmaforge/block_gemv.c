@@ -16,20 +16,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
-/* One register of float32: 16 lanes with AVX-512, else 8 (GCC spills 64-byte vectors to the stack
- * when it has to split them into AVX2 halves: measured 2.5x slower). */
-#if defined(__AVX512F__)
-#define LANES 16
-#else
-#define LANES 8
-#endif
-typedef float vf __attribute__((vector_size(4 * LANES)));
-typedef float vh __attribute__((vector_size(32)));   /* 8 float32 */
-typedef float vq __attribute__((vector_size(16)));   /* 4 float32 */
+#include "simd.h"
+
 #define MAX_TILE 4 /* rows of x per pass over a weight row: each code is converted once per tile */
 /* Bytes of codes ahead to prefetch: the hardware prefetcher alone left the 2-thread GEMV at half the
  * memory bandwidth an sgemv reaches (Q8_0 head: 13.7 ms -> 8.7 ms; 1-8 KB ahead measured, 4 KB kept). */
@@ -49,36 +38,11 @@ static inline vf load_codes(const int8_t *p) {
 #endif
 }
 
-static inline vf load_floats(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v); /* an unaligned vector load */
-    return v;
-}
-
-/* v in every lane (not 0 + v, which turns -0.0 into +0.0 and so the sign of a zero weight) */
-static inline vf splat(float v) {
-    vf r;
-    for (int i = 0; i < LANES; i++) r[i] = v;
-    return r;
-}
-
-/* Sum of the lanes, by halves (not LANES - 1 dependent adds). Takes the vector by value and never
- * its address, so that accumulators stay in registers (a spilled one cost 2x: store-to-load latency). */
-static inline float hsum(vf v) {
-#if LANES == 16
-    vh h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-    vh h = v;
-#endif
-    vq q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    return (q[0] + q[2]) + (q[1] + q[3]);
-}
-
 /* One group of gs codes times the matching gs values of x. */
 static inline __attribute__((always_inline)) vf group_dot(const int8_t *c, const float *x, const int gs) {
     vf part = load_codes(c) * load_floats(x);
 #pragma GCC unroll 4
-    for (int j = LANES; j < gs; j += LANES) part += load_codes(c + j) * load_floats(x + j);
+    for (int j = LANES; j < gs; j += LANES) part = madd(load_codes(c + j), load_floats(x + j), part);
     return part;
 }
 
@@ -98,10 +62,10 @@ static inline __attribute__((always_inline)) void row_1(
     int64_t g = 0;
     for (; g + 1 < G; g += 2) {
         __builtin_prefetch(c + g * gs + PREFETCH);
-        a0 += s[g] * group_dot(c + g * gs, x + g * gs, gs);
-        a1 += s[g + 1] * group_dot(c + (g + 1) * gs, x + (g + 1) * gs, gs);
+        a0 = madd(splat(s[g]), group_dot(c + g * gs, x + g * gs, gs), a0);
+        a1 = madd(splat(s[g + 1]), group_dot(c + (g + 1) * gs, x + (g + 1) * gs, gs), a1);
     }
-    if (g < G) a0 += s[g] * group_dot(c + g * gs, x + g * gs, gs);
+    if (g < G) a0 = madd(splat(s[g]), group_dot(c + g * gs, x + g * gs, gs), a0);
     float r = hsum(a0 + a1);
     if (o) r += offsets(o, xsum, G);
     y[0] = r;
@@ -129,10 +93,10 @@ static inline __attribute__((always_inline)) void row_tile(
         for (int j = 0; j < gs; j += LANES) {
             vf w = load_codes(cg + j);
 #pragma GCC unroll 4
-            for (int i = 0; i < tile; i++) part[i] += w * load_floats(xg + i * K + j);
+            for (int i = 0; i < tile; i++) part[i] = madd(w, load_floats(xg + i * K + j), part[i]);
         }
 #pragma GCC unroll 4
-        for (int i = 0; i < tile; i++) acc[i] += s[g] * part[i];
+        for (int i = 0; i < tile; i++) acc[i] = madd(splat(s[g]), part[i], acc[i]);
     }
 #pragma GCC unroll 4
     for (int i = 0; i < tile; i++) {

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("block_gemv.c", "amx_gemm.c", "decode_step.c"))  # one library
+HEADERS = (Path(__file__).with_name("simd.h"),)  # in the cache key, not on the command line
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 
@@ -71,7 +72,7 @@ def library() -> ctypes.CDLL | None:
     from .default_model import cache_dir
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES + HEADERS), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
     path = cache_dir() / "kernels" / f"cpu-{key.hexdigest()[:16]}.so"
     if not path.exists():
         try:

@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h" /* dot, axpy: the row-wise sums in vectors (scalar ones wait on each add) */
+
 /* block_gemv.c, linked into the same library */
 int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
                   const float *offset, int64_t N, int64_t gs, float *y, int threads);
@@ -60,9 +62,7 @@ typedef struct { /* this step's rows: everything the cache and the rope tables s
 
 /* RMSNorm in float32: x * rsqrt(mean(x^2) + eps) * (1 + w) (model.RMSNorm). */
 static void rms_norm(const float *x, const float *w, float *out, int64_t n, float eps) {
-    float ss = 0;
-    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
-    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
     for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * (1.0f + w[i]);
 }
 
@@ -114,10 +114,7 @@ static void attend_head(const float *q, const float *k, const float *v, const in
             scores[s] = -INFINITY;
             continue;
         }
-        const float *ks = k + s * D;
-        float dot = 0;
-        for (int64_t j = 0; j < D; j++) dot += q[j] * ks[j];
-        float z = dot * d->attn_scale;
+        float z = dot(q, k + s * D, D) * d->attn_scale;
         if (d->softcap > 0) z = tanhf(z / d->softcap) * d->softcap;
         scores[s] = z;
         if (z > mx) mx = z;
@@ -132,9 +129,7 @@ static void attend_head(const float *q, const float *k, const float *v, const in
     }
     for (int64_t s = 0; s < n; s++) {
         if (scores[s] == 0.0f) continue;
-        float p = scores[s] / total;
-        const float *vs = v + s * D;
-        for (int64_t j = 0; j < D; j++) out[j] += p * vs[j];
+        axpy(scores[s] / total, v + s * D, out, D);
     }
 }
 
