@@ -47,6 +47,7 @@ typedef struct {
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, intermediate, window;
     float eps, attn_scale, softcap; /* softcap 0: none (Gemma 3) */
+    const float *final_norm;        /* the final RMSNorm's weight, applied to the output */
 } gf_dims;
 
 typedef struct { /* this step's rows: everything the cache and the rope tables say about them */
@@ -57,13 +58,23 @@ typedef struct { /* this step's rows: everything the cache and the rope tables s
     const int64_t *global_cols, *ring_cols;     /* [M]: where each row's new key goes */
     const int64_t *global_pos, *ring_pos;       /* [rows, stride]: the position held by each slot */
     int64_t global_stride, ring_stride, kv_len, ring_len; /* slots attended: [0, kv_len) / [0, ring_len) */
-    const float *cos_local, *sin_local, *cos_global, *sin_global; /* [M, head_dim] */
+    const float *inv_freq_local, *inv_freq_global; /* [head_dim / 2]: the rope frequencies (rope.py) */
 } gf_rows;
 
 /* RMSNorm in float32: x * rsqrt(mean(x^2) + eps) * (1 + w) (model.RMSNorm). */
 static void rms_norm(const float *x, const float *w, float *out, int64_t n, float eps) {
     float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
     for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * (1.0f + w[i]);
+}
+
+/* rope.py's rope_cos_sin for one position: angle pos * inv_freq[j] in float32, its cos and sin
+ * duplicated over both halves, [D] each. */
+static void rope_table(int64_t pos, const float *inv_freq, int64_t d, float *cos, float *sin) {
+    for (int64_t j = 0; j < d / 2; j++) {
+        float a = (float)(pos < 0 ? 0 : pos) * inv_freq[j];
+        cos[j] = cos[j + d / 2] = cosf(a);
+        sin[j] = sin[j + d / 2] = sinf(a);
+    }
 }
 
 /* "rotate_half" rope (rope.py): pairs (j, j + D/2), cos/sin already duplicated over both halves. */
@@ -133,26 +144,33 @@ static void attend_head(const float *q, const float *k, const float *v, const in
     }
 }
 
-/* All layers over h [M, hidden] in place (the embedded, scaled tokens in; the last layer's output
- * out, before the final norm). Returns 0, or -1 if scratch memory could not be allocated. */
+/* All layers over h [M, hidden] in place: the embedded, scaled tokens in, the final-normed hidden
+ * states out (what the output head reads). Returns 0, or -1 if scratch memory could not be allocated. */
 int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const gf_rows *r, float *h,
                      int threads) {
     const int64_t M = r->M, H = d->hidden, D = d->head_dim, nq = d->heads * D, nkv = d->kv_heads * D;
     const int64_t F = d->intermediate, nqkv = nq + 2 * nkv, group = d->heads / d->kv_heads;
     const int64_t n_max = r->kv_len > r->ring_len ? r->kv_len : r->ring_len; /* scores per (row, head) */
     int64_t widest = nqkv > 2 * F ? nqkv : 2 * F;
-    /* x, qkv, y (attention out), t (a projection out), gate|up, act, scratch, scores per (row, head) */
-    size_t floats = (size_t)(M * (H + nqkv + nq + H + 2 * F + F + widest) + M * d->heads * n_max);
+    /* x, qkv, y (attention out), t (a projection out), gate|up, act, scratch, scores per (row, head),
+     * the rope tables (cos and sin, local and global, [M, D] each) */
+    size_t floats = (size_t)(M * (H + nqkv + nq + H + 2 * F + F + widest) + M * d->heads * n_max + 4 * M * D);
     float *mem = malloc(sizeof(float) * floats);
     if (!mem) return -1;
     float *x = mem, *qkv = x + M * H, *y = qkv + M * nqkv, *t = y + M * nq, *gu = t + M * H;
     float *act = gu + M * 2 * F, *scratch = act + M * F, *scores = scratch + M * widest;
+    float *cos_local = scores + M * d->heads * n_max, *sin_local = cos_local + M * D;
+    float *cos_global = sin_local + M * D, *sin_global = cos_global + M * D;
+    for (int64_t m = 0; m < M; m++) {
+        rope_table(r->positions[m], r->inv_freq_local, D, cos_local + m * D, sin_local + m * D);
+        rope_table(r->positions[m], r->inv_freq_global, D, cos_global + m * D, sin_global + m * D);
+    }
 
     int64_t l = 0;
     for (; l < L; l++) {
         const gf_layer *ly = &layers[l];
         const int local = ly->local;
-        const float *cosv = local ? r->cos_local : r->cos_global, *sinv = local ? r->sin_local : r->sin_global;
+        const float *cosv = local ? cos_local : cos_global, *sinv = local ? sin_local : sin_global;
         const int64_t *cols = local ? r->ring_cols : r->global_cols;
         const int64_t *spos = local ? r->ring_pos : r->global_pos;
         const int64_t stride = local ? r->ring_stride : r->global_stride;
@@ -199,6 +217,8 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
             for (int64_t i = 0; i < H; i++) h[m * H + i] += t[m * H + i];
         }
     }
+    if (l == L && d->final_norm)
+        for (int64_t m = 0; m < M; m++) rms_norm(h + m * H, d->final_norm, h + m * H, H, d->eps);
     free(mem);
     return l == L ? 0 : -1; /* a break above: a kernel's own allocation failed */
 }

@@ -2,8 +2,9 @@
 
 ``NativeStep`` is ``fast.decode_step`` for a model whose projections are all
 ``gguf_quant.BlockQuantLinear`` (the default load of a quantized GGUF file) on CPU: the embedding,
-the rope tables, the cache's slot bookkeeping and the output head stay in torch (a few ops per
-token), and decode_step.c runs every layer, calling block_gemv.c for the projections. Eager torch
+the cache's slot bookkeeping and the output head stay in torch (a few ops per token), and
+decode_step.c runs every layer (rope tables and final norm included), calling block_gemv.c for the
+projections. Eager torch
 costs a dispatch per op (~10 ms of a 27 ms token on 2 threads), and compiling the step costs ~45 s
 of tracing in every new process; this costs neither, so the first ``gemmaforge generate`` a user
 runs decodes at full speed (docs/quantization.md, "The native decode step"; docs/benchmarks.md).
@@ -25,7 +26,6 @@ from .. import cpu_kernel
 from ..gguf_quant import _GEMV_ROWS, BlockQuantLinear
 from ..kv_cache import KVCache
 from ..model import Gemma
-from ..rope import rope_cos_sin
 
 
 class _Weight(ctypes.Structure):
@@ -43,14 +43,14 @@ class _Layer(ctypes.Structure):
 class _Dims(ctypes.Structure):
     _fields_ = [("hidden", c_int64), ("heads", c_int64), ("kv_heads", c_int64), ("head_dim", c_int64),
                 ("intermediate", c_int64), ("window", c_int64), ("eps", c_float), ("attn_scale", c_float),
-                ("softcap", c_float)]
+                ("softcap", c_float), ("final_norm", c_void_p)]
 
 
 class _Rows(ctypes.Structure):
     _fields_ = [("M", c_int64), ("rows", c_void_p), ("positions", c_void_p), ("global_cols", c_void_p),
                 ("ring_cols", c_void_p), ("global_pos", c_void_p), ("ring_pos", c_void_p), ("global_stride", c_int64),
-                ("ring_stride", c_int64), ("kv_len", c_int64), ("ring_len", c_int64), ("cos_local", c_void_p),
-                ("sin_local", c_void_p), ("cos_global", c_void_p), ("sin_global", c_void_p)]
+                ("ring_stride", c_int64), ("kv_len", c_int64), ("ring_len", c_int64), ("inv_freq_local", c_void_p),
+                ("inv_freq_global", c_void_p)]
 
 
 def _projections(block) -> tuple[list, list, BlockQuantLinear, BlockQuantLinear]:
@@ -98,7 +98,8 @@ class NativeStep:
         c = model.config
         self.model = model
         self.dims = _Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
-                          c.sliding_window, c.rms_norm_eps, c.attn_scale, c.attn_logit_softcap or 0.0)
+                          c.sliding_window, c.rms_norm_eps, c.attn_scale, c.attn_logit_softcap or 0.0,
+                          model.final_norm.weight.data_ptr())
         self.layers = (_Layer * c.num_layers)()
         for i, (block, layer) in enumerate(zip(model.layers, self.layers)):
             qkv, gate_up, o, down = _projections(block)
@@ -144,18 +145,17 @@ class NativeStep:
         positions, global_cols, ring_cols = positions.contiguous(), global_cols.contiguous(), ring_cols.contiguous()
         m = rows.numel()
         h = (model.embed(tokens) * normalizer).contiguous()  # [m, 1, hidden] float32
-        cos_l, sin_l = (t.contiguous() for t in rope_cos_sin(positions, model.inv_freq_local, h.dtype))
-        cos_g, sin_g = (t.contiguous() for t in rope_cos_sin(positions, model.inv_freq_global, h.dtype))
         gpos, rpos = cache.global_pos, cache.ring_pos
+        inv_l, inv_g = model.inv_freq_local.contiguous(), model.inv_freq_global.contiguous()  # float32 [D / 2]
         step = _Rows(m, rows.data_ptr(), positions.data_ptr(), global_cols.data_ptr(), ring_cols.data_ptr(),
                      gpos.data_ptr(), rpos.data_ptr(), gpos.stride(0), rpos.stride(0), kv_lens[0], kv_lens[1],
-                     cos_l.data_ptr(), sin_l.data_ptr(), cos_g.data_ptr(), sin_g.data_ptr())
+                     inv_l.data_ptr(), inv_g.data_ptr())
         if m:
             rc = cpu_kernel.library().gf_decode_layers(ctypes.byref(self.dims), self.layers, len(self.layers),
                                                        ctypes.byref(step), h.data_ptr(), torch.get_num_threads())
             if rc:
                 raise MemoryError("native decode step: out of memory for its scratch buffers")
-        logits = model.logits(model.final_norm(h)[:, 0]).float()
+        logits = model.logits(h[:, 0]).float()  # h is final-normed by the C step
         if every:
             return logits
         out = logits.new_zeros(cache.num_rows, logits.shape[-1])
