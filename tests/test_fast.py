@@ -240,6 +240,33 @@ def test_engine_fast_is_default_and_generates_what_eager_generates(name):
 
 
 # ---- the benchmark code paths on tiny models (speed is measured by the scripts, never asserted) ------
+def test_benchmark_rounds_keep_the_best_and_every_round():
+    """--rounds: best speed per variant over the rounds, a failed round left out, every round kept,
+    and the file-as-stored pair's ratio round by round (each round measures both close in time)."""
+    from gemmaforge.benchmark import best_of_rounds
+    from gemmaforge.benchmark_report import format_table
+
+    def run(variant, prefill, b1, b4, ttft, load, rss):
+        return {"variant": variant, "weights": "w", "prefill_tok_s": prefill, "decode_tok_s_b1": b1,
+                "decode_tok_s_b4": b4, "ttft_ms": ttft, "load_s": load, "peak_rss_mb": rss}
+
+    ours = best_of_rounds([run("gemmaforge:gguf", 100.0, 50.0, 90.0, 30.0, 0.5, 900),
+                           run("gemmaforge:gguf", 120.0, 45.0, 95.0, 25.0, 0.7, 950),
+                           {"variant": "gemmaforge:gguf", "skipped": "failed (exit -11)"}])
+    assert (ours["prefill_tok_s"], ours["decode_tok_s_b1"], ours["decode_tok_s_b4"]) == (120.0, 50.0, 95.0)
+    assert (ours["ttft_ms"], ours["load_s"], ours["peak_rss_mb"]) == (25.0, 0.5, 950)
+    assert ours["per_round"]["decode_tok_s_b1"] == [50.0, 45.0] and ours["rounds_failed"] == 1
+    assert best_of_rounds([{"variant": "x", "skipped": "why"}]) == {"variant": "x", "skipped": "why"}
+    assert "per_round" not in best_of_rounds([run("x", 1.0, 1.0, 1.0, 1.0, 1.0, 1)])
+    peer = best_of_rounds([run("llama.cpp:source", 80.0, 40.0, None, 40.0, 0.4, 2700),
+                           run("llama.cpp:source", 60.0, 50.0, None, 41.0, 0.4, 2700)])
+    report = {"settings": {"batch": 4, "threads": 2, "rounds": 3}, "environment": {"cpu": "X"},
+              "results": [ours, peer]}
+    table = format_table(report)
+    assert "| llama.cpp:source | 80.0, 60.0 | 40.0, 50.0 | n/a, n/a |" in table
+    assert "decode b1, round by round: 1.25x, 0.90x" in table and "prefill, round by round: 1.25x, 2.00x" in table
+
+
 def test_benchmark_runs_and_writes_a_report(tmp_path):
     from gemmaforge.benchmark import BenchSettings, run_benchmark, write_json
     from gemmaforge.benchmark_report import format_table

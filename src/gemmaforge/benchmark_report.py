@@ -4,6 +4,33 @@ variant, ratios against HF transformers, the CPU line, and the end-to-end times.
 from __future__ import annotations
 
 
+# The pair issue 14 compares: the file as stored, here and in llama.cpp
+PAIR = ("gemmaforge:gguf", "llama.cpp:source")
+
+
+def _rounds(report: dict, bn: str) -> list[str]:
+    """With several rounds: every round's speeds, and the pair's ratio round by round (each round
+    measures the two within a minute of each other, so their ratio is steadier than the bests')."""
+    rows = {r["variant"]: r for r in report["results"] if "per_round" in r}
+    if not rows:
+        return []
+    keys = ("prefill_tok_s", "decode_tok_s_b1", bn)
+    out = ["", f"Per round ({report['settings']['rounds']} rounds, variants round-robin):", "",
+           "| variant | prefill tok/s | decode b1 tok/s | " + bn.replace("decode_tok_s_", "decode ") + " tok/s |",
+           "|---|---|---|---|"]
+    fmt = lambda vs: ", ".join("n/a" if v is None else f"{v:.1f}" for v in vs) if vs else "n/a"  # noqa: E731
+    for name, r in rows.items():
+        out.append(f"| {name} | " + " | ".join(fmt(r["per_round"].get(k)) for k in keys) + " |")
+    a, b = (rows.get(n) for n in PAIR)
+    if a and b:
+        for k, label in (("prefill_tok_s", "prefill"), ("decode_tok_s_b1", "decode b1")):
+            ra, rb = a["per_round"].get(k) or [], b["per_round"].get(k) or []
+            if len(ra) == len(rb) and ra and all(ra) and all(rb):
+                out.append(f"- {PAIR[0]} / {PAIR[1]}, {label}, round by round: "
+                           + ", ".join(f"{x / y:.2f}x" for x, y in zip(ra, rb)))
+    return out
+
+
 def format_table(report: dict, baseline: str = "hf:fp32") -> str:
     """Markdown table; the ratio columns divide by ``baseline`` (HF transformers, float32)."""
     s = report["settings"]
@@ -33,6 +60,7 @@ def format_table(report: dict, baseline: str = "hf:fp32") -> str:
             f"| {num(r.get('peak_rss_mb'), '{:.0f}')} | {num(r.get('perplexity'), '{:.3f}')} "
             f"| {ratio(r, 'prefill_tok_s')} | {ratio(r, 'decode_tok_s_b1')} | {ratio(r, bn)} |"
         )
+    lines += _rounds(report, bn)
     e2e = report.get("end_to_end")
     if e2e:
         lines += ["", f"End to end, {e2e['tokens']} greedy tokens, fresh process each run (first / best of runs):", ""]

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=d.batch, help="rows of the batched decode (default %(default)s)")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads, every backend (default %(default)s)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs, best kept (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=d.rounds,
+                   help="run the variant list this many times, round-robin, and report the best and every "
+                        "round (for a machine whose speed drifts; default %(default)s)")
     p.add_argument("--ppl-chars", type=int, default=d.ppl_chars,
                    help="characters of the fixed text scored for perplexity (0 = skip)")
     p.add_argument("--e2e-tokens", type=int, default=d.e2e_tokens,
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise GemmaforgeError("--variants is empty: give at least one backend:precision, e.g. gemmaforge:fp32")
     settings = BenchSettings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
                              threads=args.threads, repeats=args.repeats, ppl_chars=args.ppl_chars,
-                             variants=variants, e2e_tokens=args.e2e_tokens, isolate=not args.no_isolate)
+                             variants=variants, e2e_tokens=args.e2e_tokens, isolate=not args.no_isolate,
+                             rounds=args.rounds)
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.model)
     report = run_benchmark(args.model, settings, workdir)
     print(format_table(report))

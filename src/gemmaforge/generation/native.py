@@ -4,10 +4,9 @@
 ``gguf_quant.BlockQuantLinear`` (the default load of a quantized GGUF file) on CPU: the embedding,
 the cache's slot bookkeeping and the output head stay in torch (a few ops per token), and
 decode_step.c runs every layer (rope tables and final norm included), calling block_gemv.c for the
-projections. Eager torch
-costs a dispatch per op (~10 ms of a 27 ms token on 2 threads), and compiling the step costs ~45 s
-of tracing in every new process; this costs neither, so the first ``gemmaforge generate`` a user
-runs decodes at full speed (docs/quantization.md, "The native decode step"; docs/benchmarks.md).
+projections. Eager torch costs a dispatch per op (~10 ms of a 27 ms token on 2 threads), and
+compiling the step costs ~45 s of tracing in every new process; this costs neither, so the first
+``gemmaforge generate`` a user runs decodes at full speed (docs/quantization.md, "The native decode step"; docs/benchmarks.md).
 
 The C side reads raw pointers: the weights' once (a FastForward belongs to one model, whose
 buffers are not replaced), the cache's whenever another pool comes. tests/test_decode_step.py
