@@ -27,10 +27,10 @@ static inline vf load_floats(const float *p) {
 }
 
 /* a * b + c in one fused multiply-add. Spelled out: -std=c11 turns off GCC's contraction of
- * a * b + c, and separate multiplies and adds made the GEMV compute-bound (the embedded model's
- * weights, AMD EPYC, 2 threads: 4 rows of the head 15.0 -> 12.0 ms, of gate/up 0.226 -> 0.162 ms;
- * bench/quant_kernels.py). Fused, each product is added without a rounding of its own: still
- * float32's product up to summation order. */
+ * a * b + c, and the separate multiplies and adds made the GEMV compute-bound (the embedded model's
+ * weights, AMD EPYC, 2 threads, 4 rows: head 15.6 -> 13.2 ms, gate/up 0.260 -> 0.204 ms;
+ * bench/kernel_ab.py, docs/quantization.md "Fused multiply-adds"). Fused, each product is added
+ * without a rounding of its own: still float32's product up to summation order. */
 static inline vf madd(vf a, vf b, vf c) {
 #if defined(__AVX512F__)
     return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
