@@ -243,7 +243,7 @@ def test_engine_fast_is_default_and_generates_what_eager_generates(name):
 def test_benchmark_rounds_keep_the_best_and_every_round():
     """--rounds: best speed per variant over the rounds, a failed round left out, every round kept,
     and the file-as-stored pair's ratio round by round (each round measures both close in time)."""
-    from gemmaforge.benchmark import best_of_rounds
+    from gemmaforge.benchmark_report import best_of_rounds
     from gemmaforge.benchmark_report import format_table
 
     def run(variant, prefill, b1, b4, ttft, load, rss):

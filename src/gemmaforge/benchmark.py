@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from .benchmark_report import best_of_rounds
 from .errors import GemmaforgeError
 
 BACKENDS = ("gemmaforge", "gemmaforge-eager", "hf", "llama.cpp")
@@ -471,34 +472,6 @@ def _run_isolated(spec: str, art: Artifacts, s: BenchSettings) -> dict:
             return json.loads(line[len(_MARK):])
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"variant": spec, "skipped": f"failed (exit {proc.returncode}): {tail[:200]}"}
-
-
-_HIGHER = ("prefill_tok_s", "decode_tok_s_b")  # key prefixes: the larger the better
-_LOWER = ("ttft_ms", "load_s")
-
-
-def best_of_rounds(runs: list[dict]) -> dict:
-    """One variant's rounds -> its best speeds (and the largest peak RSS), with ``per_round`` lists
-    of every speed when there was more than one round. A round that failed is left out; all failed:
-    the first failure."""
-    ok = [r for r in runs if "skipped" not in r]
-    if not ok:
-        return runs[0]
-    out = dict(ok[0])
-    for key in out:
-        values = [r[key] for r in ok if r.get(key) is not None]
-        if not values or not isinstance(values[0], (int, float)):
-            continue
-        if key.startswith(_HIGHER):
-            out[key] = max(values)
-        elif key.startswith(_LOWER):
-            out[key] = min(values)
-        elif key == "peak_rss_mb":
-            out[key] = max(values)
-    if len(runs) > 1:
-        out["per_round"] = {k: [r.get(k) for r in ok] for k in out if k.startswith(_HIGHER)}
-        out["rounds_failed"] = len(runs) - len(ok)
-    return out
 
 
 def run_benchmark(source, s: BenchSettings, workdir: Path | None = None, progress: bool = True) -> dict:

@@ -1,7 +1,36 @@
-"""The markdown table of a ``gemmaforge bench`` report (benchmark.py makes the report): one row per
-variant, ratios against HF transformers, the CPU line, and the end-to-end times."""
+"""What a ``gemmaforge bench`` report says (benchmark.py runs the variants): the best of a variant's
+rounds, and the markdown table: one row per variant, ratios against HF transformers, the CPU line,
+every round with ``--rounds``, and the end-to-end times."""
 
 from __future__ import annotations
+
+
+_HIGHER = ("prefill_tok_s", "decode_tok_s_b")  # key prefixes: the larger the better
+_LOWER = ("ttft_ms", "load_s")
+
+
+def best_of_rounds(runs: list[dict]) -> dict:
+    """One variant's rounds -> its best speeds (and the largest peak RSS), with ``per_round`` lists
+    of every speed when there was more than one round. A round that failed is left out; all failed:
+    the first failure."""
+    ok = [r for r in runs if "skipped" not in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    for key in out:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if not values or not isinstance(values[0], (int, float)):
+            continue
+        if key.startswith(_HIGHER):
+            out[key] = max(values)
+        elif key.startswith(_LOWER):
+            out[key] = min(values)
+        elif key == "peak_rss_mb":
+            out[key] = max(values)
+    if len(runs) > 1:
+        out["per_round"] = {k: [r.get(k) for r in ok] for k in out if k.startswith(_HIGHER)}
+        out["rounds_failed"] = len(runs) - len(ok)
+    return out
 
 
 # The pair issue 14 compares: the file as stored, here and in llama.cpp
@@ -18,7 +47,10 @@ def _rounds(report: dict, bn: str) -> list[str]:
     out = ["", f"Per round ({report['settings']['rounds']} rounds, variants round-robin):", "",
            "| variant | prefill tok/s | decode b1 tok/s | " + bn.replace("decode_tok_s_", "decode ") + " tok/s |",
            "|---|---|---|---|"]
-    fmt = lambda vs: ", ".join("n/a" if v is None else f"{v:.1f}" for v in vs) if vs else "n/a"  # noqa: E731
+
+    def fmt(values):
+        return ", ".join("n/a" if v is None else f"{v:.1f}" for v in values) if values else "n/a"
+
     for name, r in rows.items():
         out.append(f"| {name} | " + " | ".join(fmt(r["per_round"].get(k)) for k in keys) + " |")
     a, b = (rows.get(n) for n in PAIR)

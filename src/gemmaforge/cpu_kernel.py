@@ -49,14 +49,16 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cc: str, out: Path) -> None:
+def build(cc: str, out: Path, sources: tuple[Path, ...] = SOURCES) -> None:
+    """Compile ``sources`` (this package's by default; bench/kernel_ab.py passes another revision's)
+    into the library ``out``, atomically. Raises RuntimeError with the compiler's complaint."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *FLAGS, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"building {', '.join(s.name for s in SOURCES)} with {cc} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"building {', '.join(s.name for s in sources)} with {cc} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the whole new one
     finally:
         if os.path.exists(tmp):
@@ -76,11 +78,18 @@ def library() -> ctypes.CDLL | None:
     path = cache_dir() / "kernels" / f"cpu-{key.hexdigest()[:16]}.so"
     if not path.exists():
         try:
-            _build(cc, path)
+            build(cc, path)
         except RuntimeError as e:  # the compiler's own complaint, e.g. a GCC older than 12
             warnings.warn(f"{e}\ngemmaforge: decoding GGUF weights as stored takes the slower sgemm path")
             return None
-    lib = ctypes.CDLL(str(path))
+    lib = declare(ctypes.CDLL(str(path)))
+    global _amx
+    _amx = lib.gf_amx_init(os.environ.get("GEMMAFORGE_AMX", "1") != "0") == 1
+    return lib
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with the C functions' argument and result types set (the one copy of the C API)."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gf_block_gemv.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.gf_block_gemv.restype = ctypes.c_int
@@ -92,8 +101,6 @@ def library() -> ctypes.CDLL | None:
     lib.gf_amx_takes.restype = ctypes.c_int
     lib.gf_amx_init.argtypes = [ctypes.c_int]
     lib.gf_amx_init.restype = ctypes.c_int
-    global _amx
-    _amx = lib.gf_amx_init(os.environ.get("GEMMAFORGE_AMX", "1") != "0") == 1
     return lib
 
 

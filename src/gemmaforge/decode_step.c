@@ -48,9 +48,10 @@ typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, intermediate, window;
     float eps, attn_scale, softcap; /* softcap 0: none (Gemma 3) */
     const float *final_norm;        /* the final RMSNorm's weight, applied to the output */
+    const float *inv_freq_local, *inv_freq_global; /* [head_dim / 2]: the rope frequencies (rope.py) */
 } gf_dims;
 
-typedef struct { /* this step's rows: everything the cache and the rope tables say about them */
+typedef struct { /* this step's rows: everything the cache says about them */
     int64_t M;
     const int64_t *rows;                        /* [M]: the cache row of each row of h (idle pool rows
                                                    are left out: they would cost as much as live ones) */
@@ -58,7 +59,6 @@ typedef struct { /* this step's rows: everything the cache and the rope tables s
     const int64_t *global_cols, *ring_cols;     /* [M]: where each row's new key goes */
     const int64_t *global_pos, *ring_pos;       /* [rows, stride]: the position held by each slot */
     int64_t global_stride, ring_stride, kv_len, ring_len; /* slots attended: [0, kv_len) / [0, ring_len) */
-    const float *inv_freq_local, *inv_freq_global; /* [head_dim / 2]: the rope frequencies (rope.py) */
 } gf_rows;
 
 /* RMSNorm in float32: x * rsqrt(mean(x^2) + eps) * (1 + w) (model.RMSNorm). */
@@ -162,8 +162,8 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
     float *cos_local = scores + M * d->heads * n_max, *sin_local = cos_local + M * D;
     float *cos_global = sin_local + M * D, *sin_global = cos_global + M * D;
     for (int64_t m = 0; m < M; m++) {
-        rope_table(r->positions[m], r->inv_freq_local, D, cos_local + m * D, sin_local + m * D);
-        rope_table(r->positions[m], r->inv_freq_global, D, cos_global + m * D, sin_global + m * D);
+        rope_table(r->positions[m], d->inv_freq_local, D, cos_local + m * D, sin_local + m * D);
+        rope_table(r->positions[m], d->inv_freq_global, D, cos_global + m * D, sin_global + m * D);
     }
 
     int64_t l = 0;

@@ -42,14 +42,14 @@ class _Layer(ctypes.Structure):
 class _Dims(ctypes.Structure):
     _fields_ = [("hidden", c_int64), ("heads", c_int64), ("kv_heads", c_int64), ("head_dim", c_int64),
                 ("intermediate", c_int64), ("window", c_int64), ("eps", c_float), ("attn_scale", c_float),
-                ("softcap", c_float), ("final_norm", c_void_p)]
+                ("softcap", c_float), ("final_norm", c_void_p), ("inv_freq_local", c_void_p),
+                ("inv_freq_global", c_void_p)]
 
 
 class _Rows(ctypes.Structure):
     _fields_ = [("M", c_int64), ("rows", c_void_p), ("positions", c_void_p), ("global_cols", c_void_p),
                 ("ring_cols", c_void_p), ("global_pos", c_void_p), ("ring_pos", c_void_p), ("global_stride", c_int64),
-                ("ring_stride", c_int64), ("kv_len", c_int64), ("ring_len", c_int64), ("inv_freq_local", c_void_p),
-                ("inv_freq_global", c_void_p)]
+                ("ring_stride", c_int64), ("kv_len", c_int64), ("ring_len", c_int64)]
 
 
 def _projections(block) -> tuple[list, list, BlockQuantLinear, BlockQuantLinear]:
@@ -65,8 +65,9 @@ def _float32(t: torch.Tensor) -> bool:
 
 def supported(model: Gemma) -> bool:
     """Whether ``NativeStep`` can run ``model``: every projection a BlockQuantLinear on CPU, float32
-    norms and activations, and the C kernels built here."""
-    if not cpu_kernel.available() or not _float32(model.final_norm.weight):
+    norms, rope frequencies and activations, and the C kernels built here."""
+    if not cpu_kernel.available() or not all(map(_float32, (model.final_norm.weight, model.inv_freq_local,
+                                                            model.inv_freq_global))):
         return False
     for block in model.layers:
         qkv, gate_up, o, down = _projections(block)
@@ -98,7 +99,8 @@ class NativeStep:
         self.model = model
         self.dims = _Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
                           c.sliding_window, c.rms_norm_eps, c.attn_scale, c.attn_logit_softcap or 0.0,
-                          model.final_norm.weight.data_ptr())
+                          model.final_norm.weight.data_ptr(), model.inv_freq_local.data_ptr(),
+                          model.inv_freq_global.data_ptr())
         self.layers = (_Layer * c.num_layers)()
         for i, (block, layer) in enumerate(zip(model.layers, self.layers)):
             qkv, gate_up, o, down = _projections(block)
@@ -145,10 +147,8 @@ class NativeStep:
         m = rows.numel()
         h = (model.embed(tokens) * normalizer).contiguous()  # [m, 1, hidden] float32
         gpos, rpos = cache.global_pos, cache.ring_pos
-        inv_l, inv_g = model.inv_freq_local.contiguous(), model.inv_freq_global.contiguous()  # float32 [D / 2]
         step = _Rows(m, rows.data_ptr(), positions.data_ptr(), global_cols.data_ptr(), ring_cols.data_ptr(),
-                     gpos.data_ptr(), rpos.data_ptr(), gpos.stride(0), rpos.stride(0), kv_lens[0], kv_lens[1],
-                     inv_l.data_ptr(), inv_g.data_ptr())
+                     gpos.data_ptr(), rpos.data_ptr(), gpos.stride(0), rpos.stride(0), kv_lens[0], kv_lens[1])
         if m:
             rc = cpu_kernel.library().gf_decode_layers(ctypes.byref(self.dims), self.layers, len(self.layers),
                                                        ctypes.byref(step), h.data_ptr(), torch.get_num_threads())
