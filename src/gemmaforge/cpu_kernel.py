@@ -97,6 +97,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gf_dequantize.restype = ctypes.c_int
     lib.gf_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.gf_decode_layers.restype = ctypes.c_int
+    lib.gf_gelu_mul.argtypes = [ptr, ptr, ptr, i64]
+    lib.gf_gelu_mul.restype = None
     lib.gf_amx_takes.argtypes = [i64, i64, i64]
     lib.gf_amx_takes.restype = ctypes.c_int
     lib.gf_amx_init.argtypes = [ctypes.c_int]

@@ -92,4 +92,50 @@ static inline void axpy(float p, const float *x, float *y, int64_t n) {
     }
     for (; i < n; i++) y[i] += p * x[i];
 }
+
+/* Lane-wise max and min (vector conditionals are C++-only in GCC) */
+static inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX2__)
+    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    for (int i = 0; i < LANES; i++) a[i] = a[i] > b[i] ? a[i] : b[i];
+    return a;
+#endif
+}
+
+static inline vf vmin(vf a, vf b) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_min_ps((__m512)a, (__m512)b);
+#elif defined(__AVX2__)
+    return (vf)_mm256_min_ps((__m256)a, (__m256)b);
+#else
+    for (int i = 0; i < LANES; i++) a[i] = a[i] < b[i] ? a[i] : b[i];
+    return a;
+#endif
+}
+
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+
+/* e^x lane-wise, Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, e^r from a degree-7 polynomial,
+ * times 2^n built in the exponent bits. Relative error ~1 ulp of float32 (tests/test_decode_step.py
+ * compares it with torch over the whole range). x is clamped to [-87, 88], so 2^n stays a normal
+ * float: e^-inf gives ~1.6e-38, not 0, and callers that need exact zeros mask them. The libm expf
+ * per element cost ~15 ns (a 2048-wide GELU per layer: 0.6 ms of a 12 ms token). */
+static inline vf vexp(vf x) {
+    x = vmin(vmax(x, splat(-87.0f)), splat(88.0f));
+    vf n = madd(x, splat(1.44269504088896341f), splat(12582912.0f)) - splat(12582912.0f); /* round(x log2 e) */
+    vf r = madd(n, splat(-0.693359375f), x); /* ln 2 in two parts, so n ln 2 is exact enough */
+    r = madd(n, splat(2.12194440e-4f), r);
+    vf p = splat(1.9875691500e-4f);
+    p = madd(p, r, splat(1.3981999507e-3f));
+    p = madd(p, r, splat(8.3334519073e-3f));
+    p = madd(p, r, splat(4.1665795894e-2f));
+    p = madd(p, r, splat(1.6666665459e-1f));
+    p = madd(p, r, splat(5.0000001201e-1f));
+    p = madd(p, r * r, r + splat(1.0f));
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23; /* 2^n */
+    return p * (vf)bits;
+}
 #endif
