@@ -88,6 +88,17 @@ def test_native_step_with_separate_projections(tmp_path):
     assert _decode_both(model, 2, 20, [0, 3]) < 1e-5
 
 
+def test_native_step_with_either_scale_type(tmp_path):
+    """Q8_0's scales are float16 (gguf_quant.unpack) unless the AMX kernel is on: the step takes
+    float32 ones as well, and both give the same logits up to summation order."""
+    model = _tiny_gguf(tmp_path, "tiny-gemma3")
+    linears = [m for m in model.modules() if isinstance(m, gq.BlockQuantLinear)]
+    for want in (torch.float32, torch.float16):
+        for m in linears:
+            m.scale = m.scale.to(want)
+        assert _decode_both(model, 2, 12, [0, 3]) < 1e-5
+
+
 def test_native_step_is_the_default_only_where_it_applies(tmp_path):
     model = _tiny_gguf(tmp_path, "tiny-gemma3")
     fast = FastForward(model)

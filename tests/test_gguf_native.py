@@ -39,11 +39,18 @@ def test_every_packed_type_is_covered():
         assert (block, size) == GGML_QUANT_SIZES[qtype]
 
 
+HALF = pytest.mark.parametrize("half", [True, False], ids=["f16-scales", "f32-scales"])
+
+
+@HALF
 @pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
-def test_unpacked_codes_dequantize_to_the_gguf_values(qtype):
+def test_unpacked_codes_dequantize_to_the_gguf_values(qtype, half):
     raw, shape = _random_blocks(qtype)
-    codes, scale, offset, group = gq.unpack(torch.from_numpy(raw.copy()), qtype, shape)
+    codes, scale, offset, group = gq.unpack(torch.from_numpy(raw.copy()), qtype, shape, half=half)
     assert codes.dtype == torch.int8 and scale.shape == (shape[0], shape[1] // group)
+    # float16 only where the file's scales are float16: the K-quants' products need float32
+    assert scale.dtype == (torch.float16 if half and qtype in gq.HALF_SCALES else torch.float32)
+    assert offset is None or offset.dtype == scale.dtype
     assert (offset is not None) == (qtype in gq.HAS_OFFSET)
     ours = gq.dequantize_codes(codes, scale, offset).numpy()
     ref = gguf_quants.dequantize(raw.reshape(shape[0], -1), qtype).astype(np.float32)
@@ -65,11 +72,12 @@ def test_unpack_rejects_wrong_sizes():
         gq.unpack(torch.from_numpy(raw.copy()), Q.Q4_K, (shape[0], shape[1] + 256))
 
 
+@HALF
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_chunked_matmul_equals_x_times_dequantized(qtype, rows, monkeypatch):
+def test_chunked_matmul_equals_x_times_dequantized(qtype, rows, half, monkeypatch):
     raw, shape = _random_blocks(qtype, rows=37, blocks_per_row=2)
-    lin = gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(raw.copy()), qtype, shape), qtype.name)
+    lin = gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(raw.copy()), qtype, shape, half=half), qtype.name)
     monkeypatch.setattr(gq, "_CHUNK_WEIGHTS", 3 * shape[1])  # several chunks and a ragged last one
     gq._local.buf = None
     x = torch.randn(rows, shape[1])
@@ -83,9 +91,9 @@ def test_chunked_matmul_equals_x_times_dequantized(qtype, rows, monkeypatch):
     assert ((lin(x) - ref).abs() <= bound).all()
 
 
-def _linear(qtype, rows=37, blocks_per_row=2):
+def _linear(qtype, rows=37, blocks_per_row=2, half=None):
     raw, shape = _random_blocks(qtype, rows=rows, blocks_per_row=blocks_per_row)
-    return gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(raw.copy()), qtype, shape), qtype.name)
+    return gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(raw.copy()), qtype, shape, half=half), qtype.name)
 
 
 def _bound(x, w):
@@ -93,11 +101,12 @@ def _bound(x, w):
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel is not built")
+@HALF
 @pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
-def test_native_gemv_kernel_equals_x_times_dequantized(qtype):
-    """block_gemv.c for every layout (groups of 16 and 32, with and without offsets) and every
-    row count below the sgemm threshold (its tiles of 4, 3, 2 and 1 rows)."""
-    lin = _linear(qtype)
+def test_native_gemv_kernel_equals_x_times_dequantized(qtype, half):
+    """block_gemv.c for every layout (groups of 16 and 32, with and without offsets, float16 and
+    float32 scales) and every row count below the sgemm threshold (its tiles of 4, 3, 2 and 1 rows)."""
+    lin = _linear(qtype, half=half)
     w = lin.dequantize()
     for rows in range(1, gq._GEMV_ROWS):
         x = torch.randn(rows, lin.in_features)
@@ -107,12 +116,13 @@ def test_native_gemv_kernel_equals_x_times_dequantized(qtype):
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel is not built")
+@HALF
 @pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
-def test_native_dequantization_is_bit_exact(qtype):
+def test_native_dequantization_is_bit_exact(qtype, half):
     """block_gemv.c's dequantization (the prefill path's buffer) gives the gguf package's values,
     bit for bit, signed zeros included: no fused multiply-add, no lost -0.0."""
     raw, shape = _random_blocks(qtype, rows=7, blocks_per_row=2)
-    codes, scale, offset, _ = gq.unpack(torch.from_numpy(raw.copy()), qtype, shape)
+    codes, scale, offset, _ = gq.unpack(torch.from_numpy(raw.copy()), qtype, shape, half=half)
     scale[0, 0], codes[0, : gq.FORMATS[qtype][2]] = -0.0, 0  # a group of -0.0 weights
     ours = cpu_kernel.dequantize_into(torch.empty(shape), codes, scale, offset)
     ref = gq.dequantize_codes(codes, scale, offset)
@@ -136,6 +146,12 @@ def test_concat_is_exact_and_refuses_mixed_layouts():
     fused = gq.concat([a, b])
     assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
     assert gq.concat([a, k]) is None
+    # float16 and float32 scales together: widened, still exact
+    wide = gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(_random_blocks(Q.Q5_0)[0]), Q.Q5_0, (3, 128), half=False), "Q5_0")
+    narrow = gq.BlockQuantLinear(*gq.unpack(torch.from_numpy(_random_blocks(Q.Q8_0)[0]), Q.Q8_0, (3, 128), half=True), "Q8_0")
+    mixed = gq.concat([narrow, wide, narrow])
+    assert narrow.scale.dtype == torch.float16 and mixed.scale.dtype == torch.float32
+    assert torch.equal(mixed.dequantize(), torch.cat([narrow.dequantize(), wide.dequantize(), narrow.dequantize()]))
 
 
 def _tiny_q8_file(tmp_path):

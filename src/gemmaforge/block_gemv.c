@@ -121,11 +121,19 @@ int gf_amx_gemm(const float *x, int64_t M, int64_t K, const int8_t *codes, const
                 const float *offset, int64_t N, int64_t gs, float *y, int threads);
 #define AMX_MIN_ROWS 6
 
+/* Row n's block scales (or offsets) as float32: ``p`` itself, or its float16 ones converted into ``buf``. */
+static inline const float *row_scales(const void *p, int64_t n, int64_t G, int half, float *buf) {
+    if (!half) return (const float *)p + n * G;
+    halves_to_floats((const uint16_t *)p + n * G, buf, G);
+    return buf;
+}
+
 /* x [M, K], codes [N, K], scale/offset [N, K/gs] (offset may be NULL), y [M, N]; K % gs == 0,
- * gs a multiple of 16. Returns 0, or -1 if the offset sums could not be allocated. */
-int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
-                  const float *offset, int64_t N, int64_t gs, float *y, int threads) {
-    if (gf_amx_enabled && M >= AMX_MIN_ROWS && gf_amx_takes(N, K, gs))
+ * gs a multiple of 16. Scale and offset are float16 if ``half`` (the legacy types: gguf_quant.unpack),
+ * else float32; the AMX kernel reads float32 only. Returns 0, or -1 if out of memory. */
+int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const void *scale,
+                  const void *offset, int64_t N, int64_t gs, int half, float *y, int threads) {
+    if (!half && gf_amx_enabled && M >= AMX_MIN_ROWS && gf_amx_takes(N, K, gs))
         return gf_amx_gemm(x, M, K, codes, scale, offset, N, gs, y, threads);
     int64_t G = K / gs;
     float *xsum = NULL;
@@ -138,54 +146,71 @@ int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, con
             xsum[i] = t;
         }
     }
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *c = codes + n * K;
-        const float *s = scale + n * G, *o = offset ? offset + n * G : NULL;
-        for (int64_t m = 0; m < M;) {
-            const float *xm = x + m * K, *xs = xsum ? xsum + m * G : NULL;
-            float *ym = y + m * N + n;
-            if (gs == 32) {
-                TILES(32)
-            } else {
-                TILES(16)
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = half ? malloc(sizeof(float) * (size_t)(2 * G)) : NULL; /* one row's scales, offsets */
+        if (half && !buf) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (half && !buf) continue;
+            const int8_t *c = codes + n * K;
+            const float *s = row_scales(scale, n, G, half, buf);
+            const float *o = offset ? row_scales(offset, n, G, half, buf + G) : NULL;
+            for (int64_t m = 0; m < M;) {
+                const float *xm = x + m * K, *xs = xsum ? xsum + m * G : NULL;
+                float *ym = y + m * N + n;
+                if (gs == 32) {
+                    TILES(32)
+                } else {
+                    TILES(16)
+                }
             }
         }
+        free(buf);
     }
     free(xsum);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* codes [rows, K] -> out [rows, K] float32: code * scale, then + offset, the file's own values
  * (gguf_quant.dequantize_codes, bit for bit). The prefill path's dequantization into a buffer, one
  * pass instead of three torch ops. The product is stored before the offset is added, in a second
  * loop, so that no compiler fuses the two roundings into one fused multiply-add (which would give
- * other values); tests/test_gguf_native.py compares the bits. */
-int gf_dequantize(const int8_t *codes, const float *scale, const float *offset, int64_t rows, int64_t K,
-                  int64_t gs, float *out, int threads) {
+ * other values); tests/test_gguf_native.py compares the bits. Returns 0, or -1 if out of memory. */
+int gf_dequantize(const int8_t *codes, const void *scale, const void *offset, int64_t rows, int64_t K,
+                  int64_t gs, int half, float *out, int threads) {
     int64_t G = K / gs;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; r++) {
-        const int8_t *c = codes + r * K;
-        const float *s = scale + r * G;
-        float *o = out + r * K;
-        for (int64_t g = 0; g < G; g++) {
-            vf sg = splat(s[g]);
-            for (int64_t j = g * gs; j < (g + 1) * gs; j += LANES) {
-                vf w = load_codes(c + j) * sg;
-                memcpy(o + j, &w, sizeof w);
-            }
-        }
-        if (offset) {
-            const float *b = offset + r * G;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = half ? malloc(sizeof(float) * (size_t)(2 * G)) : NULL;
+        if (half && !buf) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (half && !buf) continue;
+            const int8_t *c = codes + r * K;
+            const float *s = row_scales(scale, r, G, half, buf);
+            float *o = out + r * K;
             for (int64_t g = 0; g < G; g++) {
-                vf bg = splat(b[g]);
+                vf sg = splat(s[g]);
                 for (int64_t j = g * gs; j < (g + 1) * gs; j += LANES) {
-                    vf w = load_floats(o + j) + bg;
+                    vf w = load_codes(c + j) * sg;
                     memcpy(o + j, &w, sizeof w);
                 }
             }
+            if (offset) {
+                const float *b = row_scales(offset, r, G, half, buf + G);
+                for (int64_t g = 0; g < G; g++) {
+                    vf bg = splat(b[g]);
+                    for (int64_t j = g * gs; j < (g + 1) * gs; j += LANES) {
+                        vf w = load_floats(o + j) + bg;
+                        memcpy(o + j, &w, sizeof w);
+                    }
+                }
+            }
         }
+        free(buf);
     }
-    return 0;
+    return failed ? -1 : 0;
 }

@@ -91,9 +91,9 @@ def library() -> ctypes.CDLL | None:
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` with the C functions' argument and result types set (the one copy of the C API)."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.gf_block_gemv.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.gf_block_gemv.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.gf_block_gemv.restype = ctypes.c_int
-    lib.gf_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.gf_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.gf_dequantize.restype = ctypes.c_int
     lib.gf_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.gf_decode_layers.restype = ctypes.c_int
@@ -140,14 +140,15 @@ def amx_takes(n: int, k: int, group: int) -> bool:
 
 def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                    offset: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] float32, codes [N, K] int8, scale/offset [N, G] float32 (contiguous, CPU) -> [M, N]."""
+    """x [M, K] float32, codes [N, K] int8, scale/offset [N, G] both float32 or both float16
+    (contiguous, CPU) -> [M, N]."""
     m, k = x.shape
     n, g = scale.shape
     x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     rc = library().gf_block_gemv(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(),
-                                 None if offset is None else offset.data_ptr(), n, k // g, y.data_ptr(),
-                                 torch.get_num_threads())
+                                 None if offset is None else offset.data_ptr(), n, k // g, _half(scale, offset),
+                                 y.data_ptr(), torch.get_num_threads())
     if rc:
         raise MemoryError("block_gemv: out of memory for the offset sums")
     return y
@@ -155,12 +156,21 @@ def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
 
 def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                     offset: torch.Tensor | None) -> torch.Tensor:
-    """codes [R, K] int8, scale/offset [R, G] float32 (contiguous) -> ``out`` [R, K] float32
+    """codes [R, K] int8, scale/offset [R, G] float32 or float16 (contiguous) -> ``out`` [R, K] float32
     (contiguous): the values of gguf_quant.dequantize_codes, bit for bit, in one pass."""
     r, k = codes.shape
     library().gf_dequantize(codes.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(),
-                            r, k, k // scale.shape[1], out.data_ptr(), torch.get_num_threads())
+                            r, k, k // scale.shape[1], _half(scale, offset), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def _half(scale: torch.Tensor, offset: torch.Tensor | None) -> int:
+    """The kernels' ``half`` flag: 1 for float16 block scales (and offsets), 0 for float32."""
+    if offset is not None and offset.dtype != scale.dtype:
+        raise ValueError(f"block scales are {scale.dtype} but offsets {offset.dtype}: the kernels take one type")
+    if scale.dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"block scales must be float16 or float32, got {scale.dtype}")
+    return int(scale.dtype == torch.float16)
 
 
 # The op, declared with the plain torch.library API: torch.library.custom_op's wrapper costs ~25 us a

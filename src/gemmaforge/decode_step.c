@@ -22,13 +22,14 @@
 #include "simd.h" /* dot, axpy: the row-wise sums in vectors (scalar ones wait on each add) */
 
 /* block_gemv.c, linked into the same library */
-int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
-                  const float *offset, int64_t N, int64_t gs, float *y, int threads);
+int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const void *scale,
+                  const void *offset, int64_t N, int64_t gs, int half, float *y, int threads);
 
 typedef struct { /* one gguf_quant.BlockQuantLinear: y = x @ w^T, w [n, k] */
     const int8_t *codes;
-    const float *scale, *offset; /* [n, k / gs]; offset NULL for the symmetric types */
+    const void *scale, *offset; /* [n, k / gs]; offset NULL for the symmetric types */
     int64_t n, k, gs;
+    int64_t half; /* scale and offset are float16 (else float32) */
 } gf_weight;
 
 typedef struct {
@@ -107,7 +108,7 @@ void gf_gelu_mul(const float *gate, const float *up, float *out, int64_t n) {
 }
 
 static int gemv(const float *x, int64_t M, const gf_weight *w, float *y, int threads) {
-    return gf_block_gemv(x, M, w->k, w->codes, w->scale, w->offset, w->n, w->gs, y, threads);
+    return gf_block_gemv(x, M, w->k, w->codes, w->scale, w->offset, w->n, w->gs, (int)w->half, y, threads);
 }
 
 /* y [M, sum of n] = x @ [w0; w1; ...]^T as one matrix: fused weights are one call, separate ones

@@ -5,12 +5,15 @@ Every block-quantized ggml type the embedded model and common Gemma GGUFs use de
     w = scale[block] * q                      Q8_0, Q4_0, Q5_0 (blocks of 32), Q3_K, Q6_K (16)
     w = scale[block] * q + offset[block]      Q4_1, Q5_1 (32), Q4_K, Q5_K (32), Q2_K (16)
 
-with a small integer code ``q`` per weight and float32 ``scale``/``offset`` per block (for the
-K-quants, per sub-block: ``d * sc`` and ``-(dmin * m)``, each a product of an fp16 and a 6-bit
-integer, so exact in float32). ``unpack`` turns the file's blocks into that one form: ``codes``
-int8 [N, K], ``scale`` and ``offset`` float32 [N, K / group]. ``dequantize_codes`` does the same
-float32 operations in the same order as ``gguf.quants.dequantize`` (multiply, then add), so the
-values are bit-identical to the file's dequantization (tests/test_gguf_native.py).
+with a small integer code ``q`` per weight and a ``scale``/``offset`` per block. For the K-quants
+they are per sub-block, ``d * sc`` and ``-(dmin * m)``, each a product of an fp16 and a 6-bit
+integer: exact in float32, not in float16. The legacy types' ``d`` (and ``m``) are float16 in the
+file and stay float16 (half the scale bytes the decode step streams: the embedded model's Q8_0
+head reads 178 MB a token instead of 189), except where the AMX kernel, which reads float32, is on.
+``unpack`` turns the file's blocks into that one form: ``codes`` int8 [N, K], ``scale`` and
+``offset`` [N, K / group]. ``dequantize_codes`` does the same float32 operations in the same order
+as ``gguf.quants.dequantize`` (multiply, then add), so the values are bit-identical to the file's
+dequantization (tests/test_gguf_native.py).
 
 One byte per code (4-bit codes too): on the AVX2 CPUs measured here the int8 -> float32
 conversion is the cost, not the bytes, and one layout keeps one kernel (docs/quantization.md).
@@ -25,6 +28,7 @@ float32 dequantized model up to accumulation order.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -114,6 +118,7 @@ FORMATS = {
     Q.Q5_K: (QK_K, 176, 32, _q5_k), Q.Q6_K: (QK_K, 210, 16, _q6_k),
 }
 HAS_OFFSET = frozenset({Q.Q4_1, Q.Q5_1, Q.Q2_K, Q.Q4_K, Q.Q5_K})
+HALF_SCALES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0})  # float16 d (and m) in the file
 _UNPACK_BLOCKS = 1 << 14  # blocks per step: bounds the int temporaries of unpacking
 
 
@@ -121,19 +126,29 @@ def is_packable(qtype) -> bool:
     return qtype in FORMATS
 
 
-def unpack(blocks: torch.Tensor, qtype, shape: tuple[int, int]):
+def half_scales() -> bool:
+    """Whether the legacy types' scales stay float16: everywhere but where the AMX kernel is on."""
+    return not (cpu_kernel.available() and cpu_kernel.amx_on())
+
+
+def unpack(blocks: torch.Tensor, qtype, shape: tuple[int, int], half: bool | None = None):
     """uint8 blocks of a [N, K] tensor -> (codes int8 [N, K], scale [N, K/g], offset [N, K/g] | None, g).
+    Scale and offset are float16 for the legacy types if ``half`` (default: ``half_scales()``),
+    else float32; either way exactly the file's values.
 
     Every output is a new tensor: none aliases ``blocks`` (which may be the file's mmap)."""
     block, type_size, group, fn = FORMATS[qtype]
     n, k = shape
     if k % block or blocks.numel() != n * k // block * type_size:
         raise GemmaforgeError(f"{Q(qtype).name} tensor of shape {shape} does not match its {blocks.numel()} bytes")
+    if half is None:
+        half = half_scales()
+    dtype = torch.float16 if half and qtype in HALF_SCALES else torch.float32
     blocks = blocks.reshape(-1, type_size)
     nb = blocks.shape[0]
     codes = torch.empty(nb, block, dtype=torch.int8)
-    scale = torch.empty(nb, block // group, dtype=torch.float32)
-    offset = torch.empty(nb, block // group, dtype=torch.float32) if qtype in HAS_OFFSET else None
+    scale = torch.empty(nb, block // group, dtype=dtype)
+    offset = torch.empty(nb, block // group, dtype=dtype) if qtype in HAS_OFFSET else None
     for s in range(0, nb, _UNPACK_BLOCKS):
         c, sc, off = fn(blocks[s : s + _UNPACK_BLOCKS])
         codes[s : s + _UNPACK_BLOCKS] = c
@@ -145,12 +160,13 @@ def unpack(blocks: torch.Tensor, qtype, shape: tuple[int, int]):
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-    """(codes [R, K], scale/offset [R, G]) -> float32 [R, K]: multiply, then add, as ggml does."""
+    """(codes [R, K], scale/offset [R, G]) -> float32 [R, K]: multiply, then add, as ggml does
+    (float16 scales are widened first, exactly)."""
     r, k = codes.shape
     g = scale.shape[1]
-    w = codes.view(r, g, k // g).float() * scale.unsqueeze(-1)
+    w = codes.view(r, g, k // g).float() * scale.float().unsqueeze(-1)
     if offset is not None:
-        w = w + offset.unsqueeze(-1)
+        w = w + offset.float().unsqueeze(-1)
     return w.view(r, k)
 
 
@@ -199,7 +215,8 @@ class BlockQuantLinear(nn.Module):
         self.kernel = cpu_kernel.available()  # a constant for a compiled step, like the shapes
         # Whether prefill may go to the C kernel: only if its AMX form takes this shape, else
         # gf_block_gemv would run the many rows through the GEMV, slower than the sgemm path.
-        self.amx_shape = self.kernel and cpu_kernel.amx_takes(self.out_features, self.in_features, group)
+        self.amx_shape = (self.kernel and scale.dtype == torch.float32
+                          and cpu_kernel.amx_takes(self.out_features, self.in_features, group))
 
     def dequantize(self, rows=None) -> torch.Tensor:
         if rows is None:
@@ -252,11 +269,14 @@ class BlockQuantLinear(nn.Module):
 
 def concat(parts: list[BlockQuantLinear]) -> BlockQuantLinear | None:
     """One module for several weights stacked by rows (fused q/k/v, gate/up), if they share the
-    layout (group size, offsets or not); exact, as every block keeps its own scale. Else None."""
+    layout (group size, offsets or not); exact, as every block keeps its own scale (float16 ones
+    widened to float32 if the parts' scale types differ). Else None."""
     if len({(p.group, p.offset is None, p.in_features) for p in parts}) != 1:
         return None
-    off = None if parts[0].offset is None else torch.cat([p.offset for p in parts])
-    return BlockQuantLinear(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), off,
+    dtype = functools.reduce(torch.promote_types, [p.scale.dtype for p in parts])
+    cat = lambda ts: torch.cat([t.to(dtype) for t in ts])
+    off = None if parts[0].offset is None else cat([p.offset for p in parts])
+    return BlockQuantLinear(torch.cat([p.codes for p in parts]), cat([p.scale for p in parts]), off,
                             parts[0].group, "+".join(dict.fromkeys(p.qtype for p in parts)))
 
 

@@ -118,6 +118,30 @@ static inline vf vmin(vf a, vf b) {
 
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 
+/* An IEEE float16 as float32: exact, as every half is a float (the block scales of the legacy ggml
+ * types are float16 in the file and kept so: gguf_quant.unpack). */
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (m << 13); /* inf, nan */
+    } else if (e) {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    } else if (!m) {
+        bits = sign;
+    } else { /* subnormal m * 2^-24: shift the leading one up to bit 10 */
+        e = 113;
+        while (!(m & 0x400)) m <<= 1, e--;
+        bits = sign | (e << 23) | ((m & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
 /* e^x lane-wise, Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, e^r from a degree-7 polynomial,
  * times 2^n built in the exponent bits. Relative error ~1 ulp of float32 (tests/test_decode_step.py
  * compares it with torch over the whole range). x is clamped to [-87, 88], so 2^n stays a normal
@@ -137,5 +161,25 @@ static inline vf vexp(vf x) {
     p = madd(p, r * r, r + splat(1.0f));
     vi bits = (__builtin_convertvector(n, vi) + 127) << 23; /* 2^n */
     return p * (vf)bits;
+}
+
+/* n float16 -> float32, 16 or 8 at a time where the CPU converts vectors (one weight row's block
+ * scales: converting each where it is used cost ~3 more instructions per group of 32 weights, which
+ * the compute-bound layer GEMVs felt) */
+static inline void halves_to_floats(const uint16_t *h, float *out, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (i < n) { /* the last 1-15 in one masked step (20 scales a row of 640 weights: 16 + 4) */
+        __mmask16 rest = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(out + i, rest, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rest, h + i)));
+        return;
+    }
+#endif
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) out[i] = half_to_float(h[i]);
 }
 #endif

@@ -29,7 +29,7 @@ from ..model import Gemma
 
 class _Weight(ctypes.Structure):
     _fields_ = [("codes", c_void_p), ("scale", c_void_p), ("offset", c_void_p), ("n", c_int64), ("k", c_int64),
-                ("gs", c_int64)]
+                ("gs", c_int64), ("half", c_int64)]
 
 
 class _Layer(ctypes.Structure):
@@ -81,7 +81,8 @@ def supported(model: Gemma) -> bool:
 
 def _weight(w: BlockQuantLinear) -> _Weight:
     off = None if w.offset is None else w.offset.data_ptr()
-    return _Weight(w.codes.data_ptr(), w.scale.data_ptr(), off, w.out_features, w.in_features, w.group)
+    return _Weight(w.codes.data_ptr(), w.scale.data_ptr(), off, w.out_features, w.in_features, w.group,
+                   int(w.scale.dtype == torch.float16))
 
 
 class NativeStep:
