@@ -151,3 +151,19 @@ def test_gelu_mul_equals_torch(n):
     big = want.abs() > 1e-3
     rel = lambda v: ((v.double() - want).abs() / want.abs())[big].max()
     assert rel(out) <= rel(torch32)
+
+
+def test_argmax_equals_torch():
+    """gf_argmax (the greedy token, cpu_kernel.argmax) gives torch.argmax's indices: the first of
+    tied maxima, the first NaN, 0 for a row of -inf, vector tails; torch's own for other inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1037, generator=g)  # 1037: not a whole number of vectors
+    x[0, [5, 900]] = 9.0
+    x[1, [7, 20]] = float("nan")
+    x[2] = float("-inf")
+    x[3, -1] = 50.0  # the maximum in the scalar tail
+    x[4, [3, 4]] = torch.tensor([0.0, -0.0]) + 100
+    for t in (x, torch.randn(4, 262144, generator=g), torch.randn(3, 5, generator=g), x[:, ::2]):
+        assert torch.equal(cpu_kernel.argmax(t), t.argmax(-1))
+    half = x.half()
+    assert torch.equal(cpu_kernel.argmax(half), half.argmax(-1))

@@ -99,6 +99,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gf_decode_layers.restype = ctypes.c_int
     lib.gf_gelu_mul.argtypes = [ptr, ptr, ptr, i64]
     lib.gf_gelu_mul.restype = None
+    lib.gf_argmax.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+    lib.gf_argmax.restype = None
     lib.gf_amx_takes.argtypes = [i64, i64, i64]
     lib.gf_amx_takes.restype = ctypes.c_int
     lib.gf_amx_init.argtypes = [ctypes.c_int]
@@ -152,6 +154,19 @@ def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     if rc:
         raise MemoryError("block_gemv: out of memory for the offset sums")
     return y
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of a float32 [R, V] CPU tensor, the same indices (first maximum, NaN
+    first), in decode_step.c's vector loop; torch's own where the kernel cannot take ``x``."""
+    takes = x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0
+    lib = library() if takes and not torch.compiler.is_compiling() else None
+    if lib is None:
+        return x.argmax(dim=-1)
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.gf_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

@@ -246,3 +246,49 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
     free(mem);
     return l == L ? 0 : -1; /* a break above: a kernel's own allocation failed */
 }
+
+/* out[r] = the index of the first largest value of row r of x [R, V], as torch.argmax (a NaN counts
+ * as the largest: the first NaN's index). The greedy token after the head: torch's argmax over a
+ * 262k vocabulary is a scalar loop (~0.22 ms a row on 2 Zen 4 cores, ~2% of a token); this is a
+ * vector max, then the first index equal to it. */
+static inline int first_equal(vf v, float b) { /* the first lane of v equal to b, or LANES */
+#if defined(__AVX512F__)
+    unsigned m = _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(b), _CMP_EQ_OQ);
+#elif defined(__AVX2__)
+    unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_set1_ps(b), _CMP_EQ_OQ));
+#else
+    unsigned m = 0;
+    for (int l = 0; l < LANES; l++) m |= (unsigned)(v[l] == b) << l;
+#endif
+    return m ? __builtin_ctz(m) : LANES;
+}
+
+void gf_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (R > 1)
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = x + r * V;
+        vf mx = splat(-INFINITY);
+        vi nan = {0};
+        int64_t i = 0;
+        for (; i + LANES <= V; i += LANES) {
+            vf v = load_floats(row + i);
+            nan |= v != v;
+            mx = vmax(mx, v);
+        }
+        float best = -INFINITY;
+        for (int l = 0; l < LANES; l++) best = mx[l] > best ? mx[l] : best;
+        int any_nan = 0;
+        for (int l = 0; l < LANES; l++) any_nan |= nan[l];
+        for (; i < V; i++) {
+            any_nan |= row[i] != row[i];
+            best = row[i] > best ? row[i] : best;
+        }
+        int64_t j = 0;
+        if (!any_nan) /* where the maximum first is: whole vectors, then the lane */
+            for (; j + LANES <= V; j += LANES)
+                if (first_equal(load_floats(row + j), best) < LANES) break;
+        for (; j < V; j++)
+            if (any_nan ? row[j] != row[j] : row[j] == best) break;
+        out[r] = j < V ? j : 0;
+    }
+}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import cpu_kernel
 from ..errors import GemmaforgeError
 from .sampling import (
     SamplingParams,
@@ -169,14 +170,14 @@ class Sampler:
         slots, needs = self._batch(logits, slots)
         steps = self._step[slots]  # [R]
         if not needs.sampled and not needs.penalties and not self.processors:
-            tokens = logits.argmax(dim=-1)  # the decode fast path: nothing else over the vocabulary
+            tokens = cpu_kernel.argmax(logits)  # the decode fast path: nothing else over the vocabulary
         else:
             scores = self._process(logits, slots, steps, needs)
             if needs.sampled:
                 log_e = _log_exponentials(self._key[slots], steps, self._offsets)  # [R, V]
                 tokens = _draw(scores, log_e, self._greedy[slots] if needs.greedy else None)
             else:
-                tokens = scores.argmax(dim=-1)
+                tokens = cpu_kernel.argmax(scores)
         self._record(slots, steps, tokens)
 
         lp = top_ids = top_lp = None

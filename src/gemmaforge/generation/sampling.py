@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import cpu_kernel
 from ..errors import GemmaforgeError
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
@@ -332,7 +333,7 @@ def _draw(scores: torch.Tensor, log_e: torch.Tensor, greedy: torch.Tensor | None
     ``greedy`` ([R, 1] bool) is set get no noise, i.e. the argmax. Writes over ``log_e``."""
     if greedy is not None:
         log_e.masked_fill_(greedy, 0.0)
-    return torch.sub(scores, log_e, out=log_e).argmax(dim=-1)
+    return cpu_kernel.argmax(torch.sub(scores, log_e, out=log_e))
 
 
 def seed_key(seed: int) -> int:
