@@ -5,8 +5,8 @@ interleaved call by call in one process, so that a noisy machine's drift hits bo
 
 Both builds must share the current C API (cpu_kernel.declare); the Python side is this checkout's for
 both. Prints the CPU, then per weight of the embedded model (1 and 4 rows of x) and for whole native
-decode steps (1 and 4 rows, positions 20-200 and 200-400; ``--no-steps`` for a revision whose
-decode-step structs differ). docs/quantization.md, "Fused multiply-adds", quotes its numbers.
+decode steps (1 and 4 rows, positions 20-200 and 200-400, or 100 steps after a prefilled
+``--context`` of N tokens; ``--no-steps`` for a revision whose decode-step structs differ). docs/quantization.md, "Fused multiply-adds", quotes its numbers.
 """
 
 import argparse
@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--against", default="HEAD", help="git revision to compare with (default HEAD)")
     ap.add_argument("--no-steps", action="store_true",
                     help="weights only: for a revision whose decode-step structs (decode_step.c) differ")
+    ap.add_argument("--context", type=int, default=0,
+                    help="time 100 decode steps after a prompt of this many tokens (default: from position 0)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,13 +87,20 @@ def main() -> None:
             if args.no_steps:
                 return
             print("\n| native decode step | " + " | ".join(libs) + " |\n|---|---|---|")
+            start = args.context
             for rows in (1, 4):
                 forward = FastForward(model, compile=False)
-                caches = {n: forward.new_cache(rows, 512) for n in libs}
+                caches = {n: forward.new_cache(rows, max(512, start + 128)) for n in libs}
+                if start:  # the same prompt in every row of both caches (a prefill: no kernel library call)
+                    prompt = torch.randint(0, model.config.vocab_size, (1, start)).expand(rows, -1)
+                    for cache in caches.values():
+                        forward(prompt, torch.arange(start).expand(rows, -1), cache)
                 tok = torch.full((rows, 1), 5)
-                times = interleaved(libs, lambda n, i: forward(tok, torch.full((rows, 1), i), caches[n]), 400)
-                for lo, hi in ((20, 200), (200, 400)):
-                    print(f"| {rows} rows, positions {lo}-{hi} | " + " | ".join(median_ms(v[lo:hi]) for v in times.values()) + " |")
+                times = interleaved(libs, lambda n, i: forward(tok, torch.full((rows, 1), start + i), caches[n]),
+                                    100 if start else 400)
+                for lo, hi in ((1, 100),) if start else ((20, 200), (200, 400)):
+                    print(f"| {rows} rows, positions {start + lo}-{start + hi} | "
+                          + " | ".join(median_ms(v[lo:hi]) for v in times.values()) + " |")
 
 
 if __name__ == "__main__":

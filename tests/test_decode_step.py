@@ -45,14 +45,14 @@ def _unfuse(model):
     return model
 
 
-def _decode_both(model, rows, steps, start, slack=0):
+def _decode_both(model, rows, steps, start, slack=0, length=64):
     """Decode ``steps`` tokens in ``rows`` pool rows with the native and the eager step, feeding both
     the eager step's greedy tokens; row r starts at position start[r] (None: idle). Returns the
     worst relative difference of the live rows' logits. With ``slack`` the rings hold more than a
     window, so the window is enforced by the mask, not by overwriting."""
     native, eager = FastForward(model, compile=False), FastForward(model, compile=False, native=False)
     assert native.native is not None and eager.native is None
-    cn, ce = native.new_cache(rows, 64, slack), eager.new_cache(rows, 64, slack)
+    cn, ce = native.new_cache(rows, length, slack), eager.new_cache(rows, length, slack)
     tokens = torch.arange(1, rows + 1)[:, None]
     worst = 0.0
     with torch.inference_mode():
@@ -80,6 +80,21 @@ def test_native_step_equals_the_eager_step(tmp_path, name):
     # idle rows below live ones (left out of the C call: each live row keeps its own cache row)
     assert _decode_both(model, 4, 20, [None, 0, None, 5]) < 1e-5
     assert _decode_both(model, 2, 40, [0, 5], slack=4) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
+def test_native_attention_split_over_threads(tmp_path, name):
+    """Past 128 cached slots each (row, KV head) is split into slot ranges, one per thread, merged by
+    their softmax maxima and sums (decode_step.c's attend_part / merge_parts): 4 threads, 1-2 rows,
+    contexts up to 200 tokens, the local layers' short rings (4 ranges of 2-6 slots) included."""
+    model = _tiny_gguf(tmp_path, name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert _decode_both(model, 1, 200, [0], length=256) < 1e-5
+        assert _decode_both(model, 2, 140, [0, 60], length=256) < 1e-5
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_native_step_with_separate_projections(tmp_path):

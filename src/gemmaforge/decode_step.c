@@ -126,47 +126,76 @@ static int project(const float *x, int64_t M, const gf_weight *w, int32_t nw, fl
     return 0;
 }
 
-/* One query head of one row against its row's cached keys (fast.py's _attend): scores over the
- * visible slots (attention.visible: a slot holds a position >= 0, not after the query, and inside
- * the window on local layers), soft-capped before masking, softmax, weighted sum of values. */
-static void attend_head(const float *q, const float *k, const float *v, const int64_t *slot_pos, int64_t n,
-                        int64_t qpos, int64_t window, const gf_dims *d, float *scores, float *out) {
-    int64_t D = d->head_dim;
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < n; s++) {
+/* The g query heads q [g, D] that share one KV head, over that head's cached slots [s0, s1) of one
+ * row (fast.py's _attend): scores over the visible slots (attention.visible: a slot holds a
+ * position >= 0, not after the query, and inside the window on local layers), soft-capped before
+ * masking; then the softmax's parts for this range of slots: mx[h], sum[h] = sum of e^(z - mx[h])
+ * and out[h] = the e^(z - mx[h])-weighted sum of values, which merge_parts combines over ranges.
+ * Each key and value row is read once for all g heads, and the ranges split one row's cache
+ * between threads (decoding reads the whole cache per token from memory, as the weights: one
+ * range per thread halves what each reads). scores [g, n] is indexed by absolute slot; head h's
+ * mx, sum and out [D] are ``hs`` parts apart. */
+static void attend_part(const float *q, int64_t g, const float *k, const float *v, const int64_t *slot_pos,
+                        int64_t s0, int64_t s1, int64_t n, int64_t qpos, int64_t window, const gf_dims *d,
+                        float *scores, float *mx, float *sum, float *out, int64_t hs) {
+    const int64_t D = d->head_dim;
+    for (int64_t h = 0; h < g; h++) {
+        mx[h * hs] = -INFINITY, sum[h * hs] = 0.0f;
+        memset(out + h * hs * D, 0, sizeof(float) * (size_t)D);
+    }
+    int any = 0;
+    for (int64_t s = s0; s < s1; s++) {
         int64_t p = slot_pos[s], dist = qpos - p;
-        if (p < 0 || dist < 0 || (window > 0 && dist >= window)) {
-            scores[s] = -INFINITY;
-            continue;
+        int hidden = p < 0 || dist < 0 || (window > 0 && dist >= window);
+        any |= !hidden;
+        for (int64_t h = 0; h < g; h++) {
+            float z = -INFINITY;
+            if (!hidden) {
+                z = dot(q + h * D, k + s * D, D) * d->attn_scale;
+                if (d->softcap > 0) z = tanhf(z / d->softcap) * d->softcap;
+                if (z > mx[h * hs]) mx[h * hs] = z;
+            }
+            scores[h * n + s] = z;
         }
-        float z = dot(q, k + s * D, D) * d->attn_scale;
-        if (d->softcap > 0) z = tanhf(z / d->softcap) * d->softcap;
-        scores[s] = z;
-        if (z > mx) mx = z;
     }
-    memset(out, 0, sizeof(float) * D);
-    if (mx == -INFINITY) return; /* nothing visible (a live row always sees its own new key) */
-    /* the exponentials in vectors (libm's expf per slot: ~0.8 ms a token at a 4096-token context);
-     * hidden slots get an exact 0, which the sum below skips */
-    vf vmx = splat(mx), sums = {0};
-    int64_t s = 0;
-    for (; s + LANES <= n; s += LANES) {
-        vf z = load_floats(scores + s);
-        vi hidden = z == splat(-INFINITY);
-        vf e = (vf)((vi)vexp(z - vmx) & ~hidden);
-        memcpy(scores + s, &e, sizeof e);
-        sums += e;
+    if (!any) return; /* nothing visible here: mx -inf, sum 0 (merge_parts gives it no weight) */
+    for (int64_t h = 0; h < g; h++) {
+        /* the exponentials in vectors (libm's expf per slot: ~0.8 ms a token at a 4096-token
+         * context); hidden slots get an exact 0, which the sums below skip */
+        float *e = scores + h * n;
+        vf vmx = splat(mx[h * hs]), sums = {0};
+        int64_t s = s0;
+        for (; s + LANES <= s1; s += LANES) {
+            vf z = load_floats(e + s);
+            vi hide = z == splat(-INFINITY);
+            vf w = (vf)((vi)vexp(z - vmx) & ~hide);
+            memcpy(e + s, &w, sizeof w);
+            sums += w;
+        }
+        float total = hsum(sums);
+        for (; s < s1; s++) {
+            e[s] = e[s] == -INFINITY ? 0.0f : expf(e[s] - mx[h * hs]);
+            total += e[s];
+        }
+        sum[h * hs] = total;
     }
-    float total = hsum(sums);
-    for (; s < n; s++) {
-        float e = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - mx);
-        scores[s] = e;
-        total += e;
-    }
-    for (int64_t s = 0; s < n; s++) {
-        if (scores[s] == 0.0f) continue;
-        axpy(scores[s] / total, v + s * D, out, D);
-    }
+    for (int64_t s = s0; s < s1; s++)
+        for (int64_t h = 0; h < g; h++)
+            if (scores[h * n + s] != 0.0f) axpy(scores[h * n + s], v + s * D, out + h * hs * D, D);
+}
+
+/* One head's output from its parts over ``parts`` slot ranges: the softmax-weighted sum of values,
+ * each part rescaled from its own maximum to the overall one. Zeros if no slot was visible (a live
+ * row always sees its own new key). */
+static void merge_parts(const float *mx, const float *sum, const float *out, int64_t parts, int64_t D, float *y) {
+    float m = -INFINITY, total = 0.0f;
+    for (int64_t c = 0; c < parts; c++) m = mx[c] > m ? mx[c] : m;
+    memset(y, 0, sizeof(float) * (size_t)D);
+    if (m == -INFINITY) return;
+    for (int64_t c = 0; c < parts; c++)
+        if (mx[c] != -INFINITY) total += sum[c] * expf(mx[c] - m);
+    for (int64_t c = 0; c < parts; c++)
+        if (mx[c] != -INFINITY) axpy(expf(mx[c] - m) / total, out + c * D, y, D);
 }
 
 /* All layers over h [M, hidden] in place: the embedded, scaled tokens in, the final-normed hidden
@@ -177,15 +206,22 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
     const int64_t F = d->intermediate, nqkv = nq + 2 * nkv, group = d->heads / d->kv_heads;
     const int64_t n_max = r->kv_len > r->ring_len ? r->kv_len : r->ring_len; /* scores per (row, head) */
     int64_t widest = nqkv > 2 * F ? nqkv : 2 * F;
+    /* Slot ranges per (row, KV head): enough for every thread to have one, of at least 64 slots. */
+    const int64_t pairs = M * d->kv_heads, by_threads = (threads + pairs - 1) / pairs, by_slots = n_max / 64;
+    const int64_t parts = by_threads < by_slots ? by_threads : (by_slots > 1 ? by_slots : 1);
     /* x, qkv, y (attention out), t (a projection out), gate|up, act, scratch, scores per (row, head),
-     * the rope tables (cos and sin, local and global, [M, D] each) */
-    size_t floats = (size_t)(M * (H + nqkv + nq + H + 2 * F + F + widest) + M * d->heads * n_max + 4 * M * D);
+     * the rope tables (cos and sin, local and global, [M, D] each), the attention parts (out, max, sum) */
+    size_t floats = (size_t)(M * (H + nqkv + nq + H + 2 * F + F + widest) + M * d->heads * n_max + 4 * M * D
+                             + M * d->heads * parts * (D + 2));
     float *mem = malloc(sizeof(float) * floats);
     if (!mem) return -1;
     float *x = mem, *qkv = x + M * H, *y = qkv + M * nqkv, *t = y + M * nq, *gu = t + M * H;
     float *act = gu + M * 2 * F, *scratch = act + M * F, *scores = scratch + M * widest;
     float *cos_local = scores + M * d->heads * n_max, *sin_local = cos_local + M * D;
     float *cos_global = sin_local + M * D, *sin_global = cos_global + M * D;
+    /* parts of (row, head, range): [M, heads, parts] x D outputs, maxima, sums */
+    float *part_out = sin_global + M * D, *part_mx = part_out + M * d->heads * parts * D;
+    float *part_sum = part_mx + M * d->heads * parts;
     for (int64_t m = 0; m < M; m++) {
         rope_table(r->positions[m], d->inv_freq_local, D, cos_local + m * D, sin_local + m * D);
         rope_table(r->positions[m], d->inv_freq_global, D, cos_global + m * D, sin_global + m * D);
@@ -218,14 +254,24 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
                 memcpy(ly->v_cache + at, v + hd * D, sizeof(float) * D);
             }
         }
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+        /* work item (row, KV head, slot range): its g heads' parts at [m, kvh * g + j, c] */
+        const int64_t per = (n + parts - 1) / parts;
+#pragma omp parallel for collapse(3) schedule(static) num_threads(threads)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t kvh = 0; kvh < d->kv_heads; kvh++)
+                for (int64_t c = 0; c < parts; c++) {
+                    int64_t base = (r->rows[m] * d->kv_heads + kvh) * ly->slots * D, s0 = c * per;
+                    int64_t s1 = s0 + per < n ? s0 + per : n, first = (m * d->heads + kvh * group) * parts + c;
+                    if (s0 > s1) s0 = s1;
+                    attend_part(qkv + m * nqkv + kvh * group * D, group, ly->k_cache + base, ly->v_cache + base,
+                                spos + r->rows[m] * stride, s0, s1, n, r->positions[m], window, d,
+                                scores + (m * d->heads + kvh * group) * n_max, part_mx + first, part_sum + first,
+                                part_out + first * D, parts);
+                }
         for (int64_t m = 0; m < M; m++)
             for (int64_t hd = 0; hd < d->heads; hd++) {
-                int64_t kvh = hd / group, base = (r->rows[m] * d->kv_heads + kvh) * ly->slots * D;
-                attend_head(qkv + m * nqkv + hd * D, ly->k_cache + base, ly->v_cache + base,
-                            spos + r->rows[m] * stride, n,
-                            r->positions[m], window, d, scores + (m * d->heads + hd) * n_max,
-                            y + m * nq + hd * D);
+                int64_t first = (m * d->heads + hd) * parts;
+                merge_parts(part_mx + first, part_sum + first, part_out + first * D, parts, D, y + m * nq + hd * D);
             }
         if (gemv(y, M, &ly->o, t, threads)) break;
         for (int64_t m = 0; m < M; m++) {
