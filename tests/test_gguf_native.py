@@ -5,6 +5,8 @@ chunked matmul, and the float32 load of the same file for whole-model logits."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +228,28 @@ def test_embedded_model_native_matches_float32():
         outs = [gemmaforge.generate(Engine(m, compile=False), tok, ["The capital of France is"],
                                     params=params)[0] for m in (ref, native)]
     assert outs[0] == outs[1]
+
+
+def test_empty_on_huge_pages():
+    """A plain tensor of the asked shape and dtype; where Linux has transparent huge pages on
+    ("madvise" or "always"), the mapping holding a large one is eligible for them (smaps)."""
+    for shape, dtype in (((3, 5), torch.float16), ((0,), torch.int8), ((5 << 20,), torch.int8)):
+        t = cpu_kernel.empty_on_huge_pages(shape, dtype)
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+        t.fill_(1)
+        assert t.numel() == 0 or t.float().sum().item() == t.numel()
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this machine")
+    big = cpu_kernel.empty_on_huge_pages((8 << 20,), torch.int8)
+    at = big.data_ptr() + (4 << 20)
+    vma = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            vma = lo <= at < hi
+        elif vma and line.startswith("THPeligible:"):
+            assert line.split()[1] == "1"
+            return
+    pytest.fail("the tensor's mapping is not in /proc/self/smaps")

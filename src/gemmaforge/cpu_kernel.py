@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -138,6 +139,38 @@ def amx_takes(n: int, k: int, group: int) -> bool:
     when it is on; false without the library."""
     lib = library()
     return lib is not None and lib.gf_amx_takes(n, k, group) == 1
+
+
+_HUGE = 2 << 20  # a transparent huge page on x86-64 and most Linux arm64 kernels
+_MADV_HUGEPAGE = 14
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def empty_on_huge_pages(shape, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU whose whole 2 MB pages are marked for
+    transparent huge pages (``madvise(MADV_HUGEPAGE)``) before anything is written, where Linux
+    allows it (THP "madvise" or "always"); a plain tensor elsewhere. For weights the decode GEMV
+    streams once per token: on 4 KB pages every page it reads is a TLB miss, and the embedded
+    model's Q8_0 head took 4.75 ms instead of 4.39 ms (AMD EPYC, 2 threads, interleaved calls;
+    docs/quantization.md, "Huge pages")."""
+    t = torch.empty(shape, dtype=dtype)
+    madvise = _madvise()
+    start = -(-t.data_ptr() // _HUGE) * _HUGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE * _HUGE
+    if madvise is not None and end > start:
+        madvise(start, end - start, _MADV_HUGEPAGE)  # a refusal (EINVAL: THP off) leaves 4 KB pages
+    return t
 
 
 def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

@@ -146,9 +146,10 @@ def unpack(blocks: torch.Tensor, qtype, shape: tuple[int, int], half: bool | Non
     dtype = torch.float16 if half and qtype in HALF_SCALES else torch.float32
     blocks = blocks.reshape(-1, type_size)
     nb = blocks.shape[0]
-    codes = torch.empty(nb, block, dtype=torch.int8)
-    scale = torch.empty(nb, block // group, dtype=dtype)
-    offset = torch.empty(nb, block // group, dtype=dtype) if qtype in HAS_OFFSET else None
+    # huge pages where a tensor spans whole 2 MB ones: the tied head, which decode streams per token
+    codes = cpu_kernel.empty_on_huge_pages((nb, block), torch.int8)
+    scale = cpu_kernel.empty_on_huge_pages((nb, block // group), dtype)
+    offset = cpu_kernel.empty_on_huge_pages((nb, block // group), dtype) if qtype in HAS_OFFSET else None
     for s in range(0, nb, _UNPACK_BLOCKS):
         c, sc, off = fn(blocks[s : s + _UNPACK_BLOCKS])
         codes[s : s + _UNPACK_BLOCKS] = c
