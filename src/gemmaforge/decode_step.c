@@ -293,10 +293,6 @@ int gf_decode_layers(const gf_dims *d, const gf_layer *layers, int64_t L, const 
     return l == L ? 0 : -1; /* a break above: a kernel's own allocation failed */
 }
 
-/* out[r] = the index of the first largest value of row r of x [R, V], as torch.argmax (a NaN counts
- * as the largest: the first NaN's index). The greedy token after the head: torch's argmax over a
- * 262k vocabulary is a scalar loop (~0.22 ms a row on 2 Zen 4 cores, ~2% of a token); this is a
- * vector max, then the first index equal to it. */
 static inline int first_equal(vf v, float b) { /* the first lane of v equal to b, or LANES */
 #if defined(__AVX512F__)
     unsigned m = _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(b), _CMP_EQ_OQ);
@@ -309,6 +305,10 @@ static inline int first_equal(vf v, float b) { /* the first lane of v equal to b
     return m ? __builtin_ctz(m) : LANES;
 }
 
+/* out[r] = the index of the first largest value of row r of x [R, V], as torch.argmax (a NaN counts
+ * as the largest: the first NaN's index). The greedy token after the head: torch's argmax over a
+ * 262k vocabulary is a scalar loop (~0.22 ms a row on 2 Zen 4 cores, ~2% of a token); this is a
+ * vector max, then the first index equal to it. */
 void gf_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (R > 1)
     for (int64_t r = 0; r < R; r++) {
