@@ -252,4 +252,6 @@ def test_empty_on_huge_pages():
         elif vma and line.startswith("THPeligible:"):
             assert line.split()[1] == "1"
             return
+    if "THPeligible:" not in Path("/proc/self/smaps").read_text():
+        pytest.skip("this kernel's smaps has no THPeligible field")
     pytest.fail("the tensor's mapping is not in /proc/self/smaps")

@@ -130,7 +130,8 @@ static inline const float *row_scales(const void *p, int64_t n, int64_t G, int h
 
 /* x [M, K], codes [N, K], scale/offset [N, K/gs] (offset may be NULL), y [M, N]; K % gs == 0,
  * gs a multiple of 16. Scale and offset are float16 if ``half`` (the legacy types: gguf_quant.unpack),
- * else float32; the AMX kernel reads float32 only. Returns 0, or -1 if out of memory. */
+ * else float32; the AMX kernel reads float32 only. Returns 0, or -1 if the offset sums could not be
+ * allocated. */
 int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, const void *scale,
                   const void *offset, int64_t N, int64_t gs, int half, float *y, int threads) {
     if (!half && gf_amx_enabled && M >= AMX_MIN_ROWS && gf_amx_takes(N, K, gs))
@@ -146,14 +147,11 @@ int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, con
             xsum[i] = t;
         }
     }
-    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *buf = half ? malloc(sizeof(float) * (size_t)(2 * G)) : NULL; /* one row's scales, offsets */
-        if (half && !buf) failed = 1;
+        float buf[half ? 2 * G : 1]; /* one row's scales and offsets as float32 (2 * 2304 for 27B's widest) */
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            if (half && !buf) continue;
             const int8_t *c = codes + n * K;
             const float *s = row_scales(scale, n, G, half, buf);
             const float *o = offset ? row_scales(offset, n, G, half, buf + G) : NULL;
@@ -167,28 +165,24 @@ int gf_block_gemv(const float *x, int64_t M, int64_t K, const int8_t *codes, con
                 }
             }
         }
-        free(buf);
     }
     free(xsum);
-    return failed ? -1 : 0;
+    return 0;
 }
 
 /* codes [rows, K] -> out [rows, K] float32: code * scale, then + offset, the file's own values
  * (gguf_quant.dequantize_codes, bit for bit). The prefill path's dequantization into a buffer, one
  * pass instead of three torch ops. The product is stored before the offset is added, in a second
  * loop, so that no compiler fuses the two roundings into one fused multiply-add (which would give
- * other values); tests/test_gguf_native.py compares the bits. Returns 0, or -1 if out of memory. */
+ * other values); tests/test_gguf_native.py compares the bits. Returns 0. */
 int gf_dequantize(const int8_t *codes, const void *scale, const void *offset, int64_t rows, int64_t K,
                   int64_t gs, int half, float *out, int threads) {
     int64_t G = K / gs;
-    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *buf = half ? malloc(sizeof(float) * (size_t)(2 * G)) : NULL;
-        if (half && !buf) failed = 1;
+        float buf[half ? 2 * G : 1];
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
-            if (half && !buf) continue;
             const int8_t *c = codes + r * K;
             const float *s = row_scales(scale, r, G, half, buf);
             float *o = out + r * K;
@@ -210,7 +204,6 @@ int gf_dequantize(const int8_t *codes, const void *scale, const void *offset, in
                 }
             }
         }
-        free(buf);
     }
-    return failed ? -1 : 0;
+    return 0;
 }

@@ -182,7 +182,7 @@ def run_block_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     rc = library().gf_block_gemv(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(),
-                                 None if offset is None else offset.data_ptr(), n, k // g, _half(scale, offset),
+                                 None if offset is None else offset.data_ptr(), n, k // g, half_flag(scale, offset),
                                  y.data_ptr(), torch.get_num_threads())
     if rc:
         raise MemoryError("block_gemv: out of memory for the offset sums")
@@ -208,11 +208,11 @@ def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     (contiguous): the values of gguf_quant.dequantize_codes, bit for bit, in one pass."""
     r, k = codes.shape
     library().gf_dequantize(codes.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(),
-                            r, k, k // scale.shape[1], _half(scale, offset), out.data_ptr(), torch.get_num_threads())
+                            r, k, k // scale.shape[1], half_flag(scale, offset), out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def _half(scale: torch.Tensor, offset: torch.Tensor | None) -> int:
+def half_flag(scale: torch.Tensor, offset: torch.Tensor | None) -> int:
     """The kernels' ``half`` flag: 1 for float16 block scales (and offsets), 0 for float32."""
     if offset is not None and offset.dtype != scale.dtype:
         raise ValueError(f"block scales are {scale.dtype} but offsets {offset.dtype}: the kernels take one type")

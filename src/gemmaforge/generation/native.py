@@ -82,7 +82,7 @@ def supported(model: Gemma) -> bool:
 def _weight(w: BlockQuantLinear) -> _Weight:
     off = None if w.offset is None else w.offset.data_ptr()
     return _Weight(w.codes.data_ptr(), w.scale.data_ptr(), off, w.out_features, w.in_features, w.group,
-                   int(w.scale.dtype == torch.float16))
+                   cpu_kernel.half_flag(w.scale, w.offset))
 
 
 class NativeStep:
